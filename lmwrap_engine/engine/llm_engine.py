@@ -1,0 +1,262 @@
+"""The engine core: requests and sessions in, one scheduled model step at a time, deltas out.
+
+Not thread-safe: ``EngineLoop`` drives it from one thread and funnels every call through it.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Deque, Dict, List, Optional
+
+from ..config import EngineConfig
+from .block_manager import BlockManager
+from .detokenizer import IncrementalDetokenizer
+from .model_runner import ModelRunner
+from .sampler import Sampler, make_generator
+from .sampling_params import SamplingParams
+from .scheduler import ScheduledBatch, Scheduler
+from .sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger("lmwrap_engine")
+
+
+@dataclass
+class Request:
+    session_id: int
+    input_ids: List[int]
+    params: SamplingParams
+    emit: Callable[["RequestOutput"], None]
+    sequence_start: bool = True
+    sequence_end: bool = True
+    step: int = 0
+
+
+@dataclass
+class RequestOutput:
+    """A delta of one request; counters are cumulative for the turn."""
+
+    text: str
+    token_ids: List[int]
+    num_history_tokens: int
+    num_input_tokens: int
+    num_output_tokens: int
+    finish_reason: Optional[str] = None
+    logprobs: Optional[List[dict]] = None
+    error: Optional[str] = None
+
+
+@dataclass
+class EngineStats:
+    num_steps: int = 0
+    num_requests: int = 0
+    num_prompt_tokens_computed: int = 0     # history/input positions run through the model
+    num_generated_tokens_computed: int = 0  # generated positions run through the model
+    num_prefix_hit_tokens: int = 0
+    num_preemptions: int = 0
+    num_free_blocks: int = 0
+    num_blocks: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Session:
+    seq: Sequence
+    pending: Deque[Request] = field(default_factory=deque)
+
+
+class LLMEngine:
+    def __init__(self, model_dir: str, config: EngineConfig, tokenizer):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(model_dir, config)
+        self.session_len = self.runner.session_len
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_batch_size,
+                                   max(config.max_prefill_token_num, config.max_batch_size),
+                                   evict_idle_session=self._evict_idle_session)
+        self.sampler = Sampler()
+        self.sessions: Dict[int, _Session] = {}
+        self.stats = EngineStats(num_blocks=self.runner.num_blocks)
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def add_request(self, req: Request) -> None:
+        self.stats.num_requests += 1
+        session = self.sessions.get(req.session_id)
+        if session is not None and session.seq.status in (SequenceStatus.WAITING, SequenceStatus.RUNNING):
+            session.pending.append(req)  # turns of one session run one after another
+            return
+        self._start(req)
+
+    def _start(self, req: Request) -> None:
+        session = self.sessions.get(req.session_id)
+        if req.sequence_start:
+            if session is not None:
+                self.block_manager.free(session.seq)
+            seq = Sequence(next(self._seq_ids), req.session_id, self.config.block_size)
+            session = self.sessions[req.session_id] = _Session(seq, session.pending if session else deque())
+        elif session is None:
+            return self._reject(req, "error", f"session {req.session_id} has no history: start it with "
+                                              "sequence_start=True")
+        seq = session.seq
+        if 0 < req.step < seq.num_tokens:
+            self.block_manager.truncate(seq, req.step)
+        elif req.step > seq.num_tokens:
+            return self._reject(req, "error", f"step {req.step} is past the {seq.num_tokens} tokens "
+                                              f"session {req.session_id} holds")
+        total = seq.num_tokens + len(req.input_ids)
+        if not req.input_ids and req.params.max_new_tokens > 0 and seq.num_tokens == 0:
+            return self._reject(req, "error", "the prompt is empty")
+        if total >= self.session_len:
+            return self._reject(req, "length", f"{total} tokens reach session_len={self.session_len}")
+        if self.block_manager.blocks_needed(total + 1) > self.block_manager.num_blocks:
+            return self._reject(req, "error", f"{total} tokens need more KV blocks than the cache's "
+                                              f"{self.block_manager.num_blocks}")
+        max_new = min(req.params.max_new_tokens, self.session_len - total)
+        params = req.params if max_new == req.params.max_new_tokens else _with_max_new(req.params, max_new)
+        prompt_ids = seq.token_ids + req.input_ids
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params)
+        seq.start_turn(req.input_ids, params, req.emit, next(self._arrivals), keep_session=not req.sequence_end,
+                       generator=make_generator(params.seed, self.runner.device), detokenizer=detok)
+        if max_new == 0:
+            return self._finish(seq, "length")
+        # At least one token must run so the turn ends with fresh logits.
+        seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens - 1)
+        self.scheduler.add(seq)
+
+    def _reject(self, req: Request, reason: str, message: str) -> None:
+        logger.warning("request on session %d rejected: %s", req.session_id, message)
+        session = self.sessions.get(req.session_id)
+        history = session.seq.num_tokens if session else 0
+        req.emit(RequestOutput("", [], history, len(req.input_ids), 0, reason,
+                               error=message if reason == "error" else None))
+        if session is not None and session.pending:
+            self._start(session.pending.popleft())
+
+    def stop_session(self, session_id: int) -> None:
+        """Cancel the running turn of a session (finish_reason 'abort'); its KV is kept."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            return
+        for req in session.pending:
+            req.emit(RequestOutput("", [], 0, len(req.input_ids), 0, "abort"))
+        session.pending.clear()
+        if session.seq.status in (SequenceStatus.WAITING, SequenceStatus.RUNNING):
+            self.scheduler.remove(session.seq)
+            self._finish(session.seq, "abort")
+
+    def end_session(self, session_id: int) -> None:
+        """Cancel whatever the session runs and free its KV cache."""
+        self.stop_session(session_id)
+        session = self.sessions.pop(session_id, None)
+        if session is not None:
+            self.block_manager.free(session.seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the step -----------------------------------------------------------------------------
+
+    def step(self) -> None:
+        batch = self.scheduler.schedule()
+        for seq in self.scheduler.unschedulable:
+            self._finish(seq, "error", "the request needs more KV blocks than the cache has free")
+        self.scheduler.unschedulable.clear()
+        if batch is None:
+            return
+        try:
+            logits = self.runner.run(batch)
+            rows = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
+            sampled = self.sampler(logits, rows) if rows else None
+        except Exception as exc:  # a failed step fails its requests, never the engine
+            logger.exception("model step failed")
+            for seq in batch.seqs:
+                self.scheduler.remove(seq)
+                self._finish(seq, "error", f"{type(exc).__name__}: {exc}")
+            return
+        self._account(batch)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(seq)
+        if sampled is not None:
+            for seq, token_id, logprobs in zip(rows, sampled.token_ids, sampled.logprobs):
+                self._append_token(seq, token_id, logprobs)
+
+    def _account(self, batch: ScheduledBatch) -> None:
+        st = self.stats
+        st.num_steps += 1
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            prompt_end = seq.num_history_tokens + seq.num_input_tokens
+            in_prompt = max(0, min(n, prompt_end - seq.num_computed_tokens))
+            st.num_prompt_tokens_computed += in_prompt
+            st.num_generated_tokens_computed += n - in_prompt
+        st.num_preemptions = self.scheduler.num_preemptions
+        st.num_prefix_hit_tokens = self.block_manager.num_prefix_hits * self.block_manager.block_size
+
+    def _append_token(self, seq: Sequence, token_id: int, logprobs: Optional[dict]) -> None:
+        params = seq.params
+        seq.token_ids.append(token_id)  # in the sequence (and so in a kept session's KV) even when not emitted
+        seq.num_output_tokens += 1
+        if token_id in params.stop_token_ids:
+            text, ids = seq.detokenizer.finish(), []
+            if params.include_stop_str_in_output:
+                text += self.tokenizer.decode([token_id], skip_special_tokens=False)
+                ids = [token_id]
+                seq.output_ids.append(token_id)
+            return self._finish(seq, "stop", text=text, token_ids=ids,
+                                logprobs=[logprobs] if ids and logprobs is not None else None)
+        seq.output_ids.append(token_id)
+        text, hit_stop = seq.detokenizer.step(token_id)
+        lp = [logprobs] if logprobs is not None else None
+        if hit_stop:
+            return self._finish(seq, "stop", text=text, token_ids=[token_id], logprobs=lp)
+        if seq.num_output_tokens >= params.max_new_tokens:
+            return self._finish(seq, "length", text=text + seq.detokenizer.finish(), token_ids=[token_id],
+                                logprobs=lp)
+        seq.emit(RequestOutput(text, [token_id], seq.num_history_tokens, seq.num_input_tokens,
+                               len(seq.output_ids), None, lp))
+
+    def _finish(self, seq: Sequence, reason: str, error: Optional[str] = None, text: str = "",
+                token_ids: Optional[List[int]] = None, logprobs=None) -> None:
+        """Ends the turn: emits the last delta, then keeps (session) or frees the sequence's KV."""
+        self.scheduler.remove(seq)
+        seq.finish_reason = reason
+        seq.status = SequenceStatus.FINISHED
+        if error:
+            logger.warning("session %d failed: %s", seq.session_id, error)
+        seq.emit(RequestOutput(text, token_ids or [], seq.num_history_tokens, seq.num_input_tokens,
+                               len(seq.output_ids), reason, logprobs, error))
+        session = self.sessions.get(seq.session_id)
+        if session is None or session.seq is not seq:
+            return
+        if not (seq.keep_session and reason != "error"):
+            self.block_manager.free(seq)
+            if not session.pending:
+                del self.sessions[seq.session_id]
+        seq.status = SequenceStatus.IDLE
+        if session.pending:
+            self._start(session.pending.popleft())
+
+    def _evict_idle_session(self) -> bool:
+        """Drop the KV of the least recently used idle session (it is recomputed on its next turn)."""
+        idle = [s.seq for s in self.sessions.values() if s.seq.status is SequenceStatus.IDLE and s.seq.block_table]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda s: s.arrival)
+        self.block_manager.free(victim)
+        return True
+
+    def snapshot_stats(self) -> dict:
+        self.stats.num_free_blocks = self.block_manager.num_free_blocks
+        return self.stats.as_dict()
+
+
+def _with_max_new(params: SamplingParams, max_new_tokens: int) -> SamplingParams:
+    from dataclasses import replace
+    return replace(params, max_new_tokens=max_new_tokens)

@@ -1,0 +1,159 @@
+"""Loads the model, owns the KV cache, and turns a scheduled batch into logits."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import List
+
+import torch
+
+from ..config import EngineConfig
+from ..loader.safetensors import iterate_weights
+from ..models.config import ModelArgs
+from ..models.layers.attention import PagedAttention
+from ..models.registry import build_model
+from .context import ForwardContext, set_context
+from .scheduler import ScheduledBatch
+
+logger = logging.getLogger("lmwrap_engine")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device_type: str) -> torch.device:
+    if device_type == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device_type='cuda' was asked for but torch sees no CUDA device; use 'auto' or 'cpu'")
+    return torch.device(device_type)
+
+
+def resolve_dtype(dtype: str, args: ModelArgs, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        chosen = _DTYPES[dtype]
+    else:
+        chosen = _DTYPES.get(str(args.dtype).replace("torch.", ""), torch.bfloat16)
+    if device.type == "cpu" and chosen == torch.float16:
+        # fp16 matmuls have no fast CPU path; bf16 has the same size and does.
+        logger.warning("float16 on CPU is slow; using bfloat16")
+        chosen = torch.bfloat16
+    return chosen
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return info.get("MemAvailable", info["MemFree"])
+
+
+class ModelRunner:
+    def __init__(self, model_dir: str, config: EngineConfig):
+        with open(os.path.join(model_dir, "config.json")) as f:
+            self.args = ModelArgs.from_hf_config(json.load(f))
+        self.config = config
+        self.device = resolve_device(config.device_type)
+        self.dtype = resolve_dtype(config.dtype, self.args, self.device)
+        self.model = self._load_model(model_dir)
+        self.session_len = config.session_len or self.args.max_position_embeddings
+        self.block_size = config.block_size
+        self.num_blocks = self._allocate_kv_cache()
+
+    def _load_model(self, model_dir: str) -> torch.nn.Module:
+        with torch.device("meta"):
+            model = build_model(self.args)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        model.tie_weights()
+        with torch.no_grad():
+            model.load_weights(iterate_weights(model_dir))
+        return model.eval()
+
+    def kv_bytes_per_token(self) -> int:
+        a = self.args
+        elem = 1 if self.config.quant_policy == 8 else self.dtype.itemsize
+        per_head = a.head_dim * elem + (2 * self.dtype.itemsize if self.config.quant_policy == 8 else 0)
+        return 2 * a.num_layers * a.num_kv_heads * per_head
+
+    def _allocate_kv_cache(self) -> int:
+        a = self.args
+        bytes_per_block = self.kv_bytes_per_token() * self.block_size
+        num_blocks = self.config.num_gpu_blocks
+        if not num_blocks:
+            budget = int(available_memory(self.device) * self.config.cache_max_entry_count)
+            num_blocks = budget // bytes_per_block
+            if self.device.type == "cpu":
+                # Host memory is shared with everything else; never reserve more than a full batch can use.
+                most = self.config.max_batch_size * ((self.session_len + self.block_size - 1) // self.block_size)
+                num_blocks = min(num_blocks, most)
+        if num_blocks < 1:
+            raise RuntimeError("no memory left for the KV cache; lower the model size or raise "
+                               "cache_max_entry_count, or set num_gpu_blocks")
+        quant = self.config.quant_policy == 8
+        cache_dtype = torch.uint8 if quant else self.dtype
+        shape = (a.num_layers, num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        # torch.empty: host pages are only touched (and counted) when a block is first written.
+        self.k_cache = torch.empty(shape, dtype=cache_dtype, device=self.device)
+        self.v_cache = torch.empty(shape, dtype=cache_dtype, device=self.device)
+        if quant:
+            sz_shape = shape[:-1] + (2,)
+            self.k_scales_zeros = torch.empty(sz_shape, dtype=self.dtype, device=self.device)
+            self.v_scales_zeros = torch.empty(sz_shape, dtype=self.dtype, device=self.device)
+        layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        for i, attn in enumerate(layers):
+            attn.k_cache, attn.v_cache = self.k_cache[i], self.v_cache[i]
+            if quant:
+                attn.k_scales_zeros, attn.v_scales_zeros = self.k_scales_zeros[i], self.v_scales_zeros[i]
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
+                    num_blocks * bytes_per_block / 2**20)
+        return num_blocks
+
+    def _prepare(self, batch: ScheduledBatch):
+        bs = self.block_size
+        input_ids: List[int] = []
+        positions: List[int] = []
+        slots: List[int] = []
+        cu_seqlens = [0]
+        kv_lens: List[int] = []
+        logits_indices: List[int] = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            end = start + n
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            cu_seqlens.append(cu_seqlens[-1] + n)
+            kv_lens.append(end)
+            if end == seq.num_tokens:
+                logits_indices.append(cu_seqlens[-1] - 1)
+        max_blocks = max(len(s.block_table) for s in batch.seqs)
+        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs]
+
+        def tensor(x, dtype=torch.int32):
+            return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
+
+        block_tables = tensor(tables)
+        kv_lens_t = tensor(kv_lens)
+        cu_t = tensor(cu_seqlens)
+        nd = batch.num_decode_seqs
+        ctx = ForwardContext(
+            slot_mapping=tensor(slots, torch.int64), block_tables=block_tables, cu_seqlens_q=cu_t,
+            kv_lens=kv_lens_t, num_decode_seqs=nd, num_decode_tokens=nd,
+            decode_block_tables=block_tables[:nd], decode_kv_lens=kv_lens_t[:nd],
+            prefill_block_tables=block_tables[nd:], prefill_kv_lens=kv_lens_t[nd:],
+            prefill_cu_seqlens_q=cu_t[nd:] - nd)
+        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), ctx, tensor(logits_indices, torch.int64)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Runs one step; returns fp32 logits for the sequences whose last token was computed, in batch order."""
+        input_ids, positions, ctx, logits_indices = self._prepare(batch)
+        set_context(ctx)
+        try:
+            hidden = self.model(input_ids, positions)
+        finally:
+            set_context(None)
+        return self.model.compute_logits(hidden[logits_indices])
