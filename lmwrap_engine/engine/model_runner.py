@@ -29,15 +29,23 @@ def resolve_device(device_type: str) -> torch.device:
     return torch.device(device_type)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """AVX-512 BF16 or AMX: without them torch's CPU bf16 matmuls are emulated and far slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(dtype: str, args: ModelArgs, device: torch.device) -> torch.dtype:
     if dtype != "auto":
-        chosen = _DTYPES[dtype]
-    else:
-        chosen = _DTYPES.get(str(args.dtype).replace("torch.", ""), torch.bfloat16)
-    if device.type == "cpu" and chosen == torch.float16:
-        # fp16 matmuls have no fast CPU path; bf16 has the same size and does.
-        logger.warning("float16 on CPU is slow; using bfloat16")
-        chosen = torch.bfloat16
+        return _DTYPES[dtype]
+    chosen = _DTYPES.get(str(args.dtype).replace("torch.", ""), torch.bfloat16)
+    if device.type == "cpu" and chosen != torch.float32:
+        # fp16 has no fast CPU path at all; bf16 only with hardware support.
+        chosen = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     return chosen
 
 
