@@ -31,15 +31,23 @@ def reference_greedy(model, ids, n):
     return ids[0].tolist()
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+LLAMA3_ROPE = dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+                   rope_theta=500000.0, tie_word_embeddings=True)
+CASES = [(arch, {}) for arch in ARCHS] + [("llama", LLAMA3_ROPE)]
+CASE_IDS = list(ARCHS) + ["llama3-rope-tied"]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=CASE_IDS)
 def arch_case(request, tiny_model_dir):
-    path = tiny_model_dir(request.param)
+    arch, overrides = request.param
+    path = tiny_model_dir(arch, **overrides)
     ref = load_reference(path)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path)
     prompts_ids = [tok.encode(p) for p in PROMPTS]
     expected = [reference_greedy(ref, ids, GREEDY.max_new_tokens)[len(ids):] for ids in prompts_ids]
-    return request.param, path, ref, prompts_ids, expected
+    return arch, path, ref, prompts_ids, expected
 
 
 def run_prefill_logits(runner: ModelRunner, ids, chunks):

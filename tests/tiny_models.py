@@ -1,6 +1,7 @@
 """Tiny random models in HF format, built on the spot (never downloaded), and their transformers twins."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from functools import lru_cache
@@ -67,8 +68,8 @@ def build_tiny_model(root: str, arch: str = "llama", seed: int = 0, **overrides)
     """Writes a tiny random model of ``arch`` under ``root`` and returns its folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    name = arch + "".join(f"-{k}={v}" for k, v in sorted(overrides.items())) + f"-s{seed}"
-    path = os.path.join(root, name.replace("/", "_").replace(" ", ""))
+    tag = hashlib.md5(repr(sorted(overrides.items())).encode()).hexdigest()[:8] if overrides else "base"
+    path = os.path.join(root, f"{arch}-{tag}-s{seed}")
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     tok_dir = tiny_tokenizer_dir(root)

@@ -1,0 +1,51 @@
+"""The `lmwrap` command as a user runs it: a real subprocess with a terminal-like stdin."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+LMWRAP = [sys.executable, "-m", "lmwrap_engine.cli"]
+
+
+def test_list_prints_template_names():
+    out = subprocess.run(LMWRAP + ["list"], capture_output=True, text=True, check=True).stdout.split()
+    for name in ("internlm2", "qwen", "chatml", "llama3", "llama2", "vicuna", "base"):
+        assert name in out
+
+
+def test_chat_streams_keeps_session_and_exits_on_eof(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    proc = subprocess.run(LMWRAP + ["chat", path, "--max-new-tokens", "8", "--dtype", "float32"],
+                          input="hello world\nThe capital of France\n/reset\nhi\n", capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count(">>> ") == 5   # three turns, a /reset, then EOF at the fifth prompt
+    assert "Traceback" not in proc.stderr
+
+
+def test_chat_ctrl_c_stops_a_reply_then_ctrl_c_at_prompt_exits(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    proc = subprocess.Popen(LMWRAP + ["chat", path, "--max-new-tokens", "100000", "--dtype", "float32",
+                                      "--session-len", "1000000"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr = []
+    threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
+    chunks = []
+    threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True).start()
+    proc.stdin.write("tell me a long story\n")
+    proc.stdin.flush()
+    deadline = time.time() + 60
+    while len(chunks) < 40 and time.time() < deadline:  # the reply is streaming
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    while "[stopped]\n" not in "".join(stderr) and time.time() < deadline:
+        time.sleep(0.05)
+    assert "[stopped]" in "".join(stderr)
+    proc.stdin.write("/exit\n")
+    proc.stdin.flush()
+    assert proc.wait(timeout=30) == 0
+    assert "Traceback" not in "".join(stderr)
