@@ -107,32 +107,31 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            v_scales_zeros: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One query per sequence: ``q [B, H, D]`` attends its ``kv_lens[b]`` cached keys. Returns ``[B, H, D]``."""
     batch, num_heads, head_dim = q.shape
-    block_size = k_cache.shape[1]
-    kv_lens_list = kv_lens.tolist()
-    max_len = max(kv_lens_list)
-    max_blocks = (max_len + block_size - 1) // block_size
-    # All sequences padded to the longest: one gather and one SDPA call for the batch. Table entries
-    # past a sequence's own blocks may hold anything, so they are replaced by block 0 (masked anyway).
-    num_seq_blocks = (kv_lens.to(q.device).long() + block_size - 1) // block_size
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    lens = kv_lens.to(q.device).long()
+    max_blocks = (int(lens.max()) + block_size - 1) // block_size
+    length = max_blocks * block_size
+    # All sequences padded to the longest, gathered block by block. Table entries past a sequence's
+    # own blocks may hold anything, so they read block 0 instead (and are masked).
     ids = block_tables[:, :max_blocks].long()
-    ids = torch.where(torch.arange(max_blocks, device=q.device) < num_seq_blocks.unsqueeze(1), ids, 0)
-    slots = (ids.unsqueeze(-1) * block_size
-             + torch.arange(block_size, device=q.device)).flatten(1)[:, :max_len]
-    num_kv_heads = k_cache.shape[2]
-    k = k_cache.view(-1, num_kv_heads, head_dim)[slots]
-    v = v_cache.view(-1, num_kv_heads, head_dim)[slots]
+    ids = torch.where(torch.arange(max_blocks, device=q.device) * block_size < lens.unsqueeze(1), ids, 0)
+    k = k_cache[ids].view(batch, length, num_kv_heads, head_dim)
+    v = v_cache[ids].view(batch, length, num_kv_heads, head_dim)
     if k_scales_zeros is not None:
-        k = dequantize_int8(k, k_scales_zeros.view(-1, num_kv_heads, 2)[slots], q.dtype)
-        v = dequantize_int8(v, v_scales_zeros.view(-1, num_kv_heads, 2)[slots], q.dtype)
-    valid = torch.arange(max_len, device=q.device) < kv_lens.to(q.device).unsqueeze(1)
-    # Padding slots hold whatever the cache held (even NaN): a zero weight times NaN is still NaN.
-    pad = ~valid[:, :, None, None]
-    k = k.masked_fill(pad, 0)
-    v = v.masked_fill(pad, 0)
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=valid[:, None, None, :], scale=scale,
-                                         enable_gqa=num_heads != num_kv_heads)
-    return out.squeeze(2)
+        k = dequantize_int8(k, k_scales_zeros[ids].view(batch, length, num_kv_heads, 2), q.dtype)
+        v = dequantize_int8(v, v_scales_zeros[ids].view(batch, length, num_kv_heads, 2), q.dtype)
+    valid = torch.arange(length, device=q.device) < lens.unsqueeze(1)
+    # Padding slots hold whatever the cache held, even NaN, and a zero weight times NaN is NaN.
+    v = v.masked_fill(~valid[:, :, None, None], 0)
+    masked = ~valid[:, None, :]
+    group = num_heads // num_kv_heads
+    qg = q.view(batch, num_kv_heads, group, head_dim)
+    out = torch.empty_like(qg)
+    for h in range(num_kv_heads):  # per KV head: the strided K/V slices feed bmm without a copy
+        scores = torch.bmm(qg[:, h], k[:, :, h].transpose(1, 2)).float().mul_(scale)
+        probs = torch.softmax(scores.masked_fill_(masked, float("-inf")), dim=-1).to(q.dtype)
+        out[:, h] = torch.bmm(probs, v[:, :, h])
+    return out.view(batch, num_heads, head_dim)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
