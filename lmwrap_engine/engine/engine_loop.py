@@ -47,4 +47,8 @@ class EngineLoop:
                 except Exception:
                     logger.exception("engine command failed")
             if self.engine.has_work():
-                self.engine.step()
+                try:
+                    self.engine.step()
+                except Exception as exc:  # a bug in scheduling or bookkeeping: fail what runs, keep serving
+                    logger.exception("engine step failed")
+                    self.engine.abort_all(f"{type(exc).__name__}: {exc}")

@@ -88,6 +88,7 @@ class LLMEngine:
 
     def add_request(self, req: Request) -> None:
         self.stats.num_requests += 1
+        req.emit = _guarded(req.emit)
         session = self.sessions.get(req.session_id)
         if session is not None and session.seq.status in (SequenceStatus.WAITING, SequenceStatus.RUNNING):
             session.pending.append(req)  # turns of one session run one after another
@@ -107,8 +108,8 @@ class LLMEngine:
         seq = session.seq
         if 0 < req.step < seq.num_tokens:
             self.block_manager.truncate(seq, req.step)
-        elif req.step > seq.num_tokens:
-            return self._reject(req, "error", f"step {req.step} is past the {seq.num_tokens} tokens "
+        elif not 0 <= req.step <= seq.num_tokens:
+            return self._reject(req, "error", f"step {req.step} is outside the {seq.num_tokens} tokens "
                                               f"session {req.session_id} holds")
         total = seq.num_tokens + len(req.input_ids)
         if not req.input_ids and req.params.max_new_tokens > 0 and seq.num_tokens == 0:
@@ -136,8 +137,12 @@ class LLMEngine:
         history = session.seq.num_tokens if session else 0
         req.emit(RequestOutput("", [], history, len(req.input_ids), 0, reason,
                                error=message if reason == "error" else None))
-        if session is not None and session.pending:
+        if session is None:
+            return
+        if session.pending:
             self._start(session.pending.popleft())
+        elif not session.seq.token_ids:  # a rejected first turn leaves nothing to keep
+            del self.sessions[req.session_id]
 
     def stop_session(self, session_id: int) -> None:
         """Cancel the running turn of a session (finish_reason 'abort'); its KV is kept."""
@@ -157,6 +162,22 @@ class LLMEngine:
         session = self.sessions.pop(session_id, None)
         if session is not None:
             self.block_manager.free(session.seq)
+
+    def abort_all(self, error: str) -> None:
+        """Fail every queued and running request and drop all KV: the bookkeeping may be inconsistent."""
+        seqs = list(self.scheduler.running) + list(self.scheduler.waiting)
+        self.scheduler.running.clear()
+        self.scheduler.waiting.clear()
+        for seq in seqs:
+            seq.emit(RequestOutput("", [], seq.num_history_tokens, seq.num_input_tokens, len(seq.output_ids),
+                                   "error", error=error))
+        for session in self.sessions.values():
+            for req in session.pending:
+                req.emit(RequestOutput("", [], 0, len(req.input_ids), 0, "error", error=error))
+        self.sessions.clear()
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching)
+        self.scheduler.block_manager = self.block_manager
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -255,6 +276,16 @@ class LLMEngine:
     def snapshot_stats(self) -> dict:
         self.stats.num_free_blocks = self.block_manager.num_free_blocks
         return self.stats.as_dict()
+
+
+def _guarded(emit: Callable[[RequestOutput], None]) -> Callable[[RequestOutput], None]:
+    """A caller's callback that raises must not take the engine thread (and every other request) down."""
+    def guarded(out: RequestOutput) -> None:
+        try:
+            emit(out)
+        except Exception:
+            logger.exception("delivering a request's output failed")
+    return guarded
 
 
 def _with_max_new(params: SamplingParams, max_new_tokens: int) -> SamplingParams:
