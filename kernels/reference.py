@@ -106,13 +106,27 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            k_scales_zeros: Optional[torch.Tensor] = None,
                            v_scales_zeros: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One query per sequence: ``q [B, H, D]`` attends its ``kv_lens[b]`` cached keys. Returns ``[B, H, D]``."""
+    lens = kv_lens.to(q.device).long()
+    batch = q.shape[0]
+    # Sequences of similar length are padded to a common length together: on CPU the gathered
+    # (padded) K/V bytes are the cost, and a single group would pad everything to the longest.
+    num_groups = max(1, min(8, batch // 16))
+    if num_groups == 1:
+        return _decode_group(q, k_cache, v_cache, block_tables, lens, scale, k_scales_zeros, v_scales_zeros)
+    out = torch.empty_like(q)
+    for rows in torch.tensor_split(torch.argsort(lens), num_groups):
+        out[rows] = _decode_group(q[rows], k_cache, v_cache, block_tables[rows], lens[rows], scale,
+                                  k_scales_zeros, v_scales_zeros)
+    return out
+
+
+def _decode_group(q, k_cache, v_cache, block_tables, lens, scale, k_scales_zeros, v_scales_zeros):
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    lens = kv_lens.to(q.device).long()
     max_blocks = (int(lens.max()) + block_size - 1) // block_size
     length = max_blocks * block_size
-    # All sequences padded to the longest, gathered block by block. Table entries past a sequence's
-    # own blocks may hold anything, so they read block 0 instead (and are masked).
+    # Gathered block by block. Table entries past a sequence's own blocks may hold anything, so they
+    # read block 0 instead (and are masked).
     ids = block_tables[:, :max_blocks].long()
     ids = torch.where(torch.arange(max_blocks, device=q.device) * block_size < lens.unsqueeze(1), ids, 0)
     k = k_cache[ids].view(batch, length, num_kv_heads, head_dim)
@@ -122,7 +136,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         v = dequantize_int8(v, v_scales_zeros[ids].view(batch, length, num_kv_heads, 2), q.dtype)
     valid = torch.arange(length, device=q.device) < lens.unsqueeze(1)
     # Padding slots hold whatever the cache held, even NaN, and a zero weight times NaN is NaN.
-    v = v.masked_fill(~valid[:, :, None, None], 0)
+    v[~valid] = 0
     masked = ~valid[:, None, :]
     group = num_heads // num_kv_heads
     qg = q.view(batch, num_kv_heads, group, head_dim)
