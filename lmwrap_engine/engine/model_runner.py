@@ -18,6 +18,7 @@ from .scheduler import ScheduledBatch
 
 logger = logging.getLogger("lmwrap_engine")
 
+CPU_KV_CACHE_BYTES = 4 << 30
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -91,11 +92,10 @@ class ModelRunner:
         num_blocks = self.config.num_gpu_blocks
         if not num_blocks:
             budget = int(available_memory(self.device) * self.config.cache_max_entry_count)
-            num_blocks = budget // bytes_per_block
             if self.device.type == "cpu":
-                # Host memory is shared with everything else; never reserve more than a full batch can use.
-                most = self.config.max_batch_size * ((self.session_len + self.block_size - 1) // self.block_size)
-                num_blocks = min(num_blocks, most)
+                # Host memory is shared with everything else (vLLM's CPU backend also defaults to 4 GiB).
+                budget = min(budget, CPU_KV_CACHE_BYTES)
+            num_blocks = budget // bytes_per_block
         if num_blocks < 1:
             raise RuntimeError("no memory left for the KV cache; lower the model size or raise "
                                "cache_max_entry_count, or set num_gpu_blocks")
