@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(VENV)/bin/lmwrap demo
+	# An agent using the model: lagent's ReAct calling a Python tool through LMDeployPipeline.
+	$(PY) examples/react_agent.py "Compute 17 * 23."
 
 test: $(STAMP)
 	$(PY) -m pytest -q
