@@ -5,6 +5,7 @@ import asyncio
 import itertools
 import json
 import logging
+import operator
 import os
 from typing import AsyncIterator, Callable, List, Optional, Union
 
@@ -72,7 +73,9 @@ class AsyncEngine:
         self.engine = LLMEngine(self.model_dir, self.engine_config, self.tokenizer)
         self.session_len = self.engine.session_len
         self.loop = EngineLoop(self.engine)
-        self._session_ids = itertools.count(1)
+        # One-off requests take ids far above the ones callers pick for their own sessions.
+        self._session_ids = itertools.count(1 << 32)
+        self._closed = False
 
     # -- request building (shared with the sync Pipeline) --------------------------------------
 
@@ -100,7 +103,8 @@ class AsyncEngine:
         gen_config = gen_config or GenerationConfig()
         if not isinstance(gen_config, GenerationConfig):
             raise TypeError(f"gen_config must be a GenerationConfig, got {type(gen_config).__name__}")
-        if gen_config.stop_words is None and gen_config.stop_token_ids is None:
+        # With ignore_eos the template's stop words (usually the EOS token again) do not stop either.
+        if gen_config.stop_words is None and gen_config.stop_token_ids is None and not gen_config.ignore_eos:
             from dataclasses import replace
             gen_config = replace(gen_config, stop_words=list(self.chat_template.stop_words or []) or None)
         max_new = gen_config.max_new_tokens
@@ -111,6 +115,16 @@ class AsyncEngine:
     def submit(self, session_id: int, input_ids: List[int], params: SamplingParams,
                emit: Callable[[RequestOutput], None], sequence_start: bool = True, sequence_end: bool = True,
                step: int = 0) -> None:
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        try:
+            input_ids = [operator.index(t) for t in input_ids]
+        except TypeError:
+            raise TypeError("input_ids must be a sequence of int token ids") from None
+        vocab_size = self.engine.runner.args.vocab_size
+        bad = next((t for t in input_ids if not 0 <= t < vocab_size), None)
+        if bad is not None:  # an out-of-range id would fail the whole batch's step (a device assert on CUDA)
+            raise ValueError(f"input_ids must be token ids in [0, {vocab_size}), got {bad}")
         req = Request(session_id, input_ids, params, emit, sequence_start, sequence_end, step)
         self.loop.call(lambda engine: engine.add_request(req))
 
@@ -128,21 +142,30 @@ class AsyncEngine:
         params = self.sampling_params(gen_config, step + len(input_ids))
         aio_loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        self.submit(session_id, list(input_ids), params,
-                    lambda out: aio_loop.call_soon_threadsafe(queue.put_nowait, out),
-                    sequence_start, sequence_end, step)
+
+        def emit(out: RequestOutput) -> None:
+            try:
+                aio_loop.call_soon_threadsafe(queue.put_nowait, out)
+            except RuntimeError:  # the caller's event loop is closed: nobody reads the rest
+                if out.finish_reason is None:
+                    self.loop.call(lambda engine: engine.stop_session(session_id))
+
+        self.submit(session_id, list(input_ids), params, emit, sequence_start, sequence_end, step)
         pending: List[RequestOutput] = []
+        finished = False
         try:
-            while True:
+            while not finished:
                 out: RequestOutput = await queue.get()
+                finished = out.finish_reason is not None
                 if stream_response:
                     yield to_genout(out)
                 else:
                     pending.append(out)
-                if out.finish_reason is not None:
-                    break
         except (asyncio.CancelledError, GeneratorExit):
-            await self.stop_session(session_id)
+            # Only a request still running is stopped: a caller that drops the generator after the last
+            # delta must not abort the session's next turn.
+            if not finished:
+                await self.stop_session(session_id)
             raise
         if pending:
             yield merge_genouts([to_genout(o) for o in pending])
@@ -156,11 +179,14 @@ class AsyncEngine:
     def stats(self) -> dict:
         """Engine counters, read on the engine thread."""
         import queue as sync_queue
+        if self._closed:
+            raise RuntimeError("the engine is closed")
         box: sync_queue.Queue = sync_queue.Queue()
         self.loop.call(lambda engine: box.put(engine.snapshot_stats()))
         return box.get()
 
     def close(self) -> None:
+        self._closed = True
         self.loop.close()
 
 

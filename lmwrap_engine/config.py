@@ -16,6 +16,14 @@ def _check(cond: bool, name: str, msg: str) -> None:
         raise ValueError(f"{name} {msg}")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class GenerationConfig:
     """Sampling and stopping for one request (lmdeploy's ``GenerationConfig``).
@@ -50,41 +58,50 @@ class GenerationConfig:
     include_stop_str_in_output: bool = False
 
     def __post_init__(self):
-        _check(isinstance(self.n, int) and self.n > 0, "n", f"must be a positive int, got {self.n!r}")
+        _check(_is_int(self.n) and self.n > 0, "n", f"must be a positive int, got {self.n!r}")
         if self.n != 1:
             raise NotImplementedError("GenerationConfig.n > 1 is not supported yet; send the prompt n times")
         if self.response_format is not None:
             raise NotImplementedError("GenerationConfig.response_format (structured output) is not supported yet")
         if self.max_new_tokens is not None:
-            _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0, "max_new_tokens",
+            _check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 0, "max_new_tokens",
                    f"must be an int >= 0 or None, got {self.max_new_tokens!r}")
-        _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", f"must be an int >= 0, got {self.top_k!r}")
-        _check(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}")
-        _check(0 <= self.temperature <= 2, "temperature", f"must be in [0, 2], got {self.temperature!r}")
-        _check(self.repetition_penalty > 0, "repetition_penalty", f"must be > 0, got {self.repetition_penalty!r}")
+        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
+        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be an int >= 0, got {self.top_k!r}")
+        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}")
+        _check(_is_number(self.temperature) and 0 <= self.temperature <= 2, "temperature",
+               f"must be in [0, 2], got {self.temperature!r}")
+        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+               f"must be > 0, got {self.repetition_penalty!r}")
+        for name in ("do_sample", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
+                     "include_stop_str_in_output"):
+            _check(isinstance(getattr(self, name), bool), name, f"must be a bool, got {getattr(self, name)!r}")
         if self.min_new_tokens is not None:
-            _check(isinstance(self.min_new_tokens, int) and self.min_new_tokens >= 0, "min_new_tokens",
+            _check(_is_int(self.min_new_tokens) and self.min_new_tokens >= 0, "min_new_tokens",
                    f"must be an int >= 0 or None, got {self.min_new_tokens!r}")
         if self.logprobs is not None:
-            _check(isinstance(self.logprobs, int) and 0 <= self.logprobs <= 1024, "logprobs",
+            _check(_is_int(self.logprobs) and 0 <= self.logprobs <= 1024, "logprobs",
                    f"must be an int in [0, 1024] or None, got {self.logprobs!r}")
         if self.random_seed is not None:
-            _check(isinstance(self.random_seed, int), "random_seed", f"must be an int or None, got {self.random_seed!r}")
+            _check(_is_int(self.random_seed), "random_seed", f"must be an int or None, got {self.random_seed!r}")
         for name in ("stop_words", "bad_words"):
             value = getattr(self, name)
             if isinstance(value, str):
                 setattr(self, name, [value])
             elif value is not None:
-                _check(all(isinstance(w, str) and w for w in value), name, "must be a list of non-empty strings")
+                _check(isinstance(value, (list, tuple)) and all(isinstance(w, str) and w for w in value), name,
+                       f"must be a list of non-empty strings, got {value!r}")
         for name in ("stop_token_ids", "bad_token_ids"):
             value = getattr(self, name)
-            if isinstance(value, int):
+            if _is_int(value) and value >= 0:
                 setattr(self, name, [value])
             elif value is not None:
-                _check(all(isinstance(t, int) and t >= 0 for t in value), name, "must be a list of token ids >= 0")
+                _check(isinstance(value, (list, tuple)) and all(_is_int(t) and t >= 0 for t in value), name,
+                       f"must be a list of token ids >= 0, got {value!r}")
         if self.logits_processors is not None:
-            _check(all(callable(p) for p in self.logits_processors), "logits_processors", "must be callables")
+            processors = self.logits_processors
+            _check(isinstance(processors, (list, tuple)) and all(callable(p) for p in processors),
+                   "logits_processors", f"must be a list of callables, got {processors!r}")
 
     @property
     def is_greedy(self) -> bool:
