@@ -1,8 +1,7 @@
 """Public configuration and result types, with lmdeploy's names, fields and defaults."""
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
 LogitsProcessor = Callable[[Any, Any], Any]  # (token_ids: LongTensor[L], scores: Tensor[V]) -> scores
@@ -129,8 +128,8 @@ class EngineConfig:
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         _check(self.device_type in DEVICE_TYPES, "device_type", f"must be one of {DEVICE_TYPES}, got {self.device_type!r}")
         _check(self.max_batch_size >= 1, "max_batch_size", f"must be >= 1, got {self.max_batch_size}")
-        _check(0 < self.cache_max_entry_count <= 1 or self.cache_max_entry_count > 1,
-               "cache_max_entry_count", f"must be > 0, got {self.cache_max_entry_count}")
+        _check(0 < self.cache_max_entry_count <= 1, "cache_max_entry_count",
+               f"must be in (0, 1] (a fraction of free memory), got {self.cache_max_entry_count}")
         _check(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0, "block_size",
                f"must be a power of two, got {self.block_size}")
         _check(self.num_gpu_blocks >= 0, "num_gpu_blocks", f"must be >= 0, got {self.num_gpu_blocks}")
@@ -247,11 +246,3 @@ class GenOut:
     finish_reason: Optional[str] = None
     token_ids: List[int] = field(default_factory=list)
     logprobs: Optional[List[dict]] = None
-
-
-def config_fields(cls) -> List[str]:
-    return [f.name for f in fields(cls)]
-
-
-def env_flag(name: str, default: str = "") -> str:
-    return os.environ.get(name, default)
