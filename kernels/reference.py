@@ -19,8 +19,7 @@ import torch.nn.functional as F
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x * rsqrt(mean(x^2) + eps) * weight``, computed in fp32, returned in x's dtype."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xf = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
     return (xf.to(x.dtype) * weight) if weight.dtype == x.dtype else (xf * weight.float()).to(x.dtype)
 
 
@@ -123,6 +122,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 def _decode_group(q, k_cache, v_cache, block_tables, lens, scale, k_scales_zeros, v_scales_zeros):
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if batch == 1 and k_scales_zeros is None:  # exactly its own tokens: no padding to mask
+        n = int(lens[0])
+        k = _gather_kv(k_cache, block_tables[0], n, None, q.dtype).transpose(0, 1)
+        v = _gather_kv(v_cache, block_tables[0], n, None, q.dtype).transpose(0, 1)
+        return F.scaled_dot_product_attention(q.unsqueeze(2), k.unsqueeze(0), v.unsqueeze(0), scale=scale,
+                                              enable_gqa=num_heads != num_kv_heads).squeeze(2)
     max_blocks = (int(lens.max()) + block_size - 1) // block_size
     length = max_blocks * block_size
     # Gathered block by block. Table entries past a sequence's own blocks may hold anything, so they
