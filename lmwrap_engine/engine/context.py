@@ -9,18 +9,16 @@ import torch
 
 @dataclass
 class ForwardContext:
+    """The batch's first ``num_decode_tokens`` rows are decode rows (one new token per sequence),
+    the rest are prefill chunks; each part carries its own metadata so no layer slices it again."""
+
     slot_mapping: torch.Tensor          # [T] cache slot of each new token
-    block_tables: torch.Tensor          # [B, max_blocks]
-    cu_seqlens_q: torch.Tensor          # [B + 1]
-    kv_lens: torch.Tensor               # [B] cached tokens incl. this step's
-    num_decode_seqs: int                # the first sequences each have exactly one new token
     num_decode_tokens: int
-    # Decode rows again, as their own tensors, so the decode kernel never slices per layer.
-    decode_block_tables: Optional[torch.Tensor] = None
-    decode_kv_lens: Optional[torch.Tensor] = None
-    prefill_block_tables: Optional[torch.Tensor] = None
-    prefill_kv_lens: Optional[torch.Tensor] = None
-    prefill_cu_seqlens_q: Optional[torch.Tensor] = None
+    decode_block_tables: torch.Tensor   # [B_decode, max_blocks]
+    decode_kv_lens: torch.Tensor        # [B_decode] cached tokens incl. this step's
+    prefill_block_tables: torch.Tensor  # [B_prefill, max_blocks]
+    prefill_cu_seqlens_q: torch.Tensor  # [B_prefill + 1] offsets of each chunk within the prefill rows
+    prefill_kv_lens: torch.Tensor       # [B_prefill]
 
 
 _context: Optional[ForwardContext] = None

@@ -148,8 +148,7 @@ class ModelRunner:
         cu_t = tensor(cu_seqlens)
         nd = batch.num_decode_seqs
         ctx = ForwardContext(
-            slot_mapping=tensor(slots, torch.int64), block_tables=block_tables, cu_seqlens_q=cu_t,
-            kv_lens=kv_lens_t, num_decode_seqs=nd, num_decode_tokens=nd,
+            slot_mapping=tensor(slots, torch.int64), num_decode_tokens=nd,
             decode_block_tables=block_tables[:nd], decode_kv_lens=kv_lens_t[:nd],
             prefill_block_tables=block_tables[nd:], prefill_kv_lens=kv_lens_t[nd:],
             prefill_cu_seqlens_q=cu_t[nd:] - nd)

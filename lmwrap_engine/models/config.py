@@ -22,8 +22,6 @@ class ModelArgs:
     tie_word_embeddings: bool
     attention_bias: bool
     dtype: Optional[str]
-    bos_token_id: Optional[int]
-    eos_token_ids: list
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
@@ -33,8 +31,6 @@ class ModelArgs:
         rope = cfg.get("rope_parameters") or {}
         scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         num_heads = cfg["num_attention_heads"]
-        eos = cfg.get("eos_token_id")
-        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         return cls(
             architecture=archs[0],
             vocab_size=cfg["vocab_size"],
@@ -51,6 +47,4 @@ class ModelArgs:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", cfg.get("bias", False))),
             dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos_ids,
         )
