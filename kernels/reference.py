@@ -109,7 +109,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     batch = q.shape[0]
     # Sequences of similar length are padded to a common length together: on CPU the gathered
     # (padded) K/V bytes are the cost, and a single group would pad everything to the longest.
-    num_groups = max(1, min(8, batch // 16))
+    num_groups = max(1, min(8, batch // 8))
     if num_groups == 1:
         return _decode_group(q, k_cache, v_cache, block_tables, lens, scale, k_scales_zeros, v_scales_zeros)
     out = torch.empty_like(q)
