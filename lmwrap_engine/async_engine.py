@@ -83,9 +83,13 @@ class AsyncEngine:
         return next(self._session_ids)
 
     def encode_prompt(self, prompt: Optional[Prompt], sequence_start: bool, do_preprocess: bool,
-                      tools=None) -> List[int]:
+                      tools=None, close_turn: bool = False) -> List[int]:
+        """Token ids of a prompt. ``close_turn``: the session's last reply was cut before its stop
+        word, so the continuation first writes it (a template's later turn assumes it is there)."""
         if do_preprocess:
             text = self.chat_template.messages2prompt(prompt, sequence_start, tools=tools)
+            if close_turn and not sequence_start and self.chat_template.stop_words:
+                text = self.chat_template.stop_words[0] + text
         elif isinstance(prompt, str):
             text = prompt
         else:

@@ -182,8 +182,11 @@ class Pipeline:
         is updated when it is exhausted.
         """
         session = session or Session(self)
-        deltas = self.generate(prompt, session._id, gen_config, sequence_start=session._step == 0,
-                               sequence_end=False, step=session._step, do_preprocess=do_preprocess)
+        start = session._step == 0
+        cut = session.response is not None and session.response.finish_reason != "stop"
+        input_ids = self.async_engine.encode_prompt(prompt, start, do_preprocess, close_turn=cut and not start)
+        deltas = self.generate(session_id=session._id, gen_config=gen_config, sequence_start=start,
+                               sequence_end=False, step=session._step, input_ids=input_ids)
 
         def run():
             result = Response("", 0, 0, session._id)

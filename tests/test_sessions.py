@@ -60,7 +60,10 @@ def test_chat_keeps_history_in_kv(pipe, encode):
     before = prompt_tokens_computed(pipe)
     same = pipe.chat("What is my name?", session=session, gen_config=GREEDY)
     assert same is session
-    ids2 = encode("What is my name?", False)
+    assert session.response.finish_reason == "length"
+    # turn 1 was cut before its stop word, so turn 2 first closes it
+    ids2 = pipe.async_engine.encode_prompt("What is my name?", False, True, close_turn=True)
+    assert ids2[:len(encode("What is my name?", False))] != encode("What is my name?", False)
     # only the new turn is computed (plus turn 1's last sampled token, which had no KV yet)
     assert prompt_tokens_computed(pipe) - before == len(ids2) + 1
     assert session.response.input_token_len == len(ids2)
@@ -176,7 +179,7 @@ def test_idle_sessions_are_evicted_when_the_cache_fills_up(model_dir, encode):
         # the least recently used session lost its KV: its next turn recomputes the history, same answer
         before = prompt_tokens_computed(pipe)
         first = pipe.chat("What is my name?", session=first, gen_config=GREEDY)
-        new = encode("What is my name?", False)
+        new = pipe.async_engine.encode_prompt("What is my name?", False, True, close_turn=True)  # turn 1 hit length
         assert prompt_tokens_computed(pipe) - before == len(history1) + len(new)
         assert first.response.token_ids == fresh_ids(pipe, history1 + new)
         assert second.response.finish_reason == "length"
