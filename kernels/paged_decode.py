@@ -21,6 +21,31 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _load_kv_tile(k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, block_table, n, n_mask, cols, col_mask, kv_head, q,
+                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                  stride_kszb, stride_kszs, stride_kszh, stride_vszb, stride_vszs, stride_vszh,
+                  BLOCK_SIZE: tl.constexpr, QUANT: tl.constexpr):
+    """K and V rows ``n`` of one KV head through the block table, dequantised to ``q``'s dtype when QUANT."""
+    page = tl.load(block_table + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+    offset = n % BLOCK_SIZE
+    kv_mask = n_mask[:, None] & col_mask[None, :]
+    k = tl.load(k_cache_ptr + (page * stride_kb + offset * stride_ks + kv_head * stride_kh)[:, None]
+                + cols[None, :], mask=kv_mask, other=0)
+    v = tl.load(v_cache_ptr + (page * stride_vb + offset * stride_vs + kv_head * stride_vh)[:, None]
+                + cols[None, :], mask=kv_mask, other=0)
+    if QUANT:
+        k_sz = k_sz_ptr + page * stride_kszb + offset * stride_kszs + kv_head * stride_kszh
+        v_sz = v_sz_ptr + page * stride_vszb + offset * stride_vszs + kv_head * stride_vszh
+        k_scale = tl.load(k_sz, mask=n_mask, other=0.0).to(tl.float32)
+        k_zero = tl.load(k_sz + 1, mask=n_mask, other=0.0).to(tl.float32)
+        v_scale = tl.load(v_sz, mask=n_mask, other=0.0).to(tl.float32)
+        v_zero = tl.load(v_sz + 1, mask=n_mask, other=0.0).to(tl.float32)
+        k = ((k.to(tl.float32) - k_zero[:, None]) * k_scale[:, None]).to(q.dtype)
+        v = ((v.to(tl.float32) - v_zero[:, None]) * v_scale[:, None]).to(q.dtype)
+    return k, v
+
+
+@triton.jit
 def _decode_partition_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, block_tables_ptr, kv_lens_ptr,
         out_ptr, mid_o_ptr, mid_lse_ptr,
@@ -56,22 +81,10 @@ def _decode_partition_kernel(
         for n0 in range(start, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             n_mask = n < end
-            page = tl.load(block_table + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-            offset = n % BLOCK_SIZE
-            kv_mask = n_mask[:, None] & col_mask[None, :]
-            k = tl.load(k_cache_ptr + (page * stride_kb + offset * stride_ks + kv_head * stride_kh)[:, None]
-                        + cols[None, :], mask=kv_mask, other=0)
-            v = tl.load(v_cache_ptr + (page * stride_vb + offset * stride_vs + kv_head * stride_vh)[:, None]
-                        + cols[None, :], mask=kv_mask, other=0)
-            if QUANT:
-                k_sz = k_sz_ptr + page * stride_kszb + offset * stride_kszs + kv_head * stride_kszh
-                v_sz = v_sz_ptr + page * stride_vszb + offset * stride_vszs + kv_head * stride_vszh
-                k_scale = tl.load(k_sz, mask=n_mask, other=0.0).to(tl.float32)
-                k_zero = tl.load(k_sz + 1, mask=n_mask, other=0.0).to(tl.float32)
-                v_scale = tl.load(v_sz, mask=n_mask, other=0.0).to(tl.float32)
-                v_zero = tl.load(v_sz + 1, mask=n_mask, other=0.0).to(tl.float32)
-                k = ((k.to(tl.float32) - k_zero[:, None]) * k_scale[:, None]).to(q.dtype)
-                v = ((v.to(tl.float32) - v_zero[:, None]) * v_scale[:, None]).to(q.dtype)
+            k, v = _load_kv_tile(
+                k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, block_table, n, n_mask, cols, col_mask, kv_head, q,
+                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                stride_kszb, stride_kszs, stride_kszh, stride_vszb, stride_vszs, stride_vszh, BLOCK_SIZE, QUANT)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
             qk = tl.where(n_mask[None, :], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_decode import LOG2E, _check_cache
+from .paged_decode import LOG2E, _check_cache, _load_kv_tile
 
 
 @triton.jit
@@ -34,22 +34,10 @@ def _attend_tiles(acc, l_i, m_i, q, q_pos, key_start, key_end, kv_len,
             n_mask = n < kv_len
         else:
             n_mask = n < key_end
-        page = tl.load(block_table + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-        offset = n % BLOCK_SIZE
-        kv_mask = n_mask[:, None] & col_mask[None, :]
-        k = tl.load(k_cache_ptr + (page * stride_kb + offset * stride_ks + kv_head * stride_kh)[:, None]
-                    + cols[None, :], mask=kv_mask, other=0)
-        v = tl.load(v_cache_ptr + (page * stride_vb + offset * stride_vs + kv_head * stride_vh)[:, None]
-                    + cols[None, :], mask=kv_mask, other=0)
-        if QUANT:
-            k_sz = k_sz_ptr + page * stride_kszb + offset * stride_kszs + kv_head * stride_kszh
-            v_sz = v_sz_ptr + page * stride_vszb + offset * stride_vszs + kv_head * stride_vszh
-            k_scale = tl.load(k_sz, mask=n_mask, other=0.0).to(tl.float32)
-            k_zero = tl.load(k_sz + 1, mask=n_mask, other=0.0).to(tl.float32)
-            v_scale = tl.load(v_sz, mask=n_mask, other=0.0).to(tl.float32)
-            v_zero = tl.load(v_sz + 1, mask=n_mask, other=0.0).to(tl.float32)
-            k = ((k.to(tl.float32) - k_zero[:, None]) * k_scale[:, None]).to(q.dtype)
-            v = ((v.to(tl.float32) - v_zero[:, None]) * v_scale[:, None]).to(q.dtype)
+        k, v = _load_kv_tile(
+            k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, block_table, n, n_mask, cols, col_mask, kv_head, q,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            stride_kszb, stride_kszs, stride_kszh, stride_vszb, stride_vszs, stride_vszh, BLOCK_SIZE, QUANT)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         if CAUSAL_MASK:
             qk = tl.where((n[None, :] <= q_pos[:, None]) & n_mask[None, :], qk, float("-inf"))
