@@ -4,20 +4,12 @@ import time
 
 import pytest
 
-from lmwrap_engine import (GenerationConfig, Pipeline, PytorchEngineConfig, Response, TurbomindEngineConfig,
+from lmwrap_engine import (GenerationConfig, Pipeline, Response, TurbomindEngineConfig,
                            pipeline)
+from tiny_models import assert_all_blocks_free, tiny_config
 
 GREEDY = GenerationConfig(max_new_tokens=8, ignore_eos=True)
 PROMPTS = ["hello", "The capital of France is", "def add(a, b):", "Name three rivers"]
-
-
-def tiny_config(**kwargs):
-    return PytorchEngineConfig(**{"dtype": "float32", "num_gpu_blocks": 32, "block_size": 16, **kwargs})
-
-
-def assert_all_blocks_free(pipe):
-    stats = pipe.stats()
-    assert stats["num_free_blocks"] == stats["num_blocks"], stats
 
 
 def assert_serves(pipe, expected: Response):

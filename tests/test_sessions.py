@@ -4,19 +4,11 @@ import threading
 
 import pytest
 
-from lmwrap_engine import GenerationConfig, PytorchEngineConfig, Session, pipeline
+from lmwrap_engine import GenerationConfig, Session, pipeline
+from tiny_models import assert_all_blocks_free, tiny_config
 
 GREEDY = GenerationConfig(max_new_tokens=8, ignore_eos=True)
 SID = 10**9  # our session ids, far from the ones the pipeline numbers its own requests with
-
-
-def tiny_config(**kwargs):
-    return PytorchEngineConfig(**{"dtype": "float32", "num_gpu_blocks": 32, "block_size": 16, **kwargs})
-
-
-def assert_all_blocks_free(pipe):
-    stats = pipe.stats()
-    assert stats["num_free_blocks"] == stats["num_blocks"], stats
 
 
 def prompt_tokens_computed(pipe):

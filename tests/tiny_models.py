@@ -133,3 +133,14 @@ def _save_as_internlm2(model, path: str) -> None:
                   tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, pad_token_id=0, torch_dtype="float32")
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
+
+
+def tiny_config(**kwargs):
+    """Engine options for tiny models: fp32 (parity) and a small, fixed cache."""
+    from lmwrap_engine import PytorchEngineConfig
+    return PytorchEngineConfig(**{"dtype": "float32", "num_gpu_blocks": 32, "block_size": 16, **kwargs})
+
+
+def assert_all_blocks_free(pipe):
+    stats = pipe.stats()
+    assert stats["num_free_blocks"] == stats["num_blocks"], stats
