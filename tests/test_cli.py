@@ -1,5 +1,7 @@
 """The `lmwrap` command as a user runs it: a real subprocess with a terminal-like stdin."""
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,8 +29,19 @@ def test_chat_streams_keeps_session_and_exits_on_eof(tiny_model_dir):
     assert "Traceback" not in proc.stderr
 
 
-def test_chat_ctrl_c_stops_a_reply_then_ctrl_c_at_prompt_exits(tiny_model_dir):
-    path = tiny_model_dir("llama")
+def _model_that_never_ends(src: str, dst: str) -> str:
+    """A copy of ``src`` whose EOS logit is pinned at 0, so greedy replies run on whatever the CPU's rounding."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    weights = load_file(os.path.join(dst, "model.safetensors"))
+    eos = json.load(open(os.path.join(dst, "config.json")))["eos_token_id"]
+    weights["lm_head.weight"][eos] = 0.0
+    save_file(weights, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_chat_ctrl_c_stops_a_reply_then_ctrl_c_at_prompt_exits(tiny_model_dir, tmp_path):
+    path = _model_that_never_ends(tiny_model_dir("llama"), str(tmp_path / "never-ends"))
     proc = subprocess.Popen(LMWRAP + ["chat", path, "--max-new-tokens", "100000", "--dtype", "float32",
                                       "--session-len", "1000000"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -38,10 +51,12 @@ def test_chat_ctrl_c_stops_a_reply_then_ctrl_c_at_prompt_exits(tiny_model_dir):
     threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True).start()
     proc.stdin.write("tell me a long story\n")
     proc.stdin.flush()
-    deadline = time.time() + 60
+    deadline = time.time() + 120
     while len(chunks) < 40 and time.time() < deadline:  # the reply is streaming
         time.sleep(0.05)
+    assert len(chunks) >= 40, "".join(stderr)
     proc.send_signal(signal.SIGINT)
+    deadline = time.time() + 60
     while "[stopped]\n" not in "".join(stderr) and time.time() < deadline:
         time.sleep(0.05)
     assert "[stopped]" in "".join(stderr)
