@@ -123,8 +123,11 @@ class EngineConfig:
     device_type: str = "auto"
     eager_mode: bool = False
     download_dir: Optional[str] = None
+    load_format: str = "auto"  # "dummy": random weights of the folder's config (benchmarks), no weight files read
 
     def __post_init__(self):
+        _check(self.load_format in ("auto", "dummy"), "load_format",
+               f"must be 'auto' or 'dummy', got {self.load_format!r}")
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         _check(self.device_type in DEVICE_TYPES, "device_type", f"must be one of {DEVICE_TYPES}, got {self.device_type!r}")
         _check(self.max_batch_size >= 1, "max_batch_size", f"must be >= 1, got {self.max_batch_size}")

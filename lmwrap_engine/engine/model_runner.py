@@ -14,11 +14,13 @@ from ..models.config import ModelArgs
 from ..models.layers.attention import PagedAttention
 from ..models.registry import build_model
 from .context import ForwardContext, set_context
+from .cuda_graph import DecodeGraphs
 from .scheduler import ScheduledBatch
 
 logger = logging.getLogger("lmwrap_engine")
 
 CPU_KV_CACHE_BYTES = 4 << 30
+MAX_GRAPH_BATCH_SIZE = 512
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -70,6 +72,16 @@ class ModelRunner:
         self.session_len = config.session_len or self.args.max_position_embeddings
         self.block_size = config.block_size
         self.num_blocks = self._allocate_kv_cache()
+        self.max_blocks_per_seq = -(-self.session_len // self.block_size)
+        self.decode_graphs = None
+        if self.device.type == "cuda" and not config.eager_mode:
+            self.decode_graphs = self.make_decode_graphs(capture=True)
+
+    def make_decode_graphs(self, capture: bool) -> DecodeGraphs:
+        """Decode through fixed buffers: captured as CUDA graphs, or run eagerly (``capture=False``)."""
+        max_batch = min(self.config.max_batch_size, MAX_GRAPH_BATCH_SIZE)
+        return DecodeGraphs(self.model, max_batch, self.max_blocks_per_seq, self.args.hidden_size,
+                            self.dtype, self.device, capture=capture)
 
     def _load_model(self, model_dir: str) -> torch.nn.Module:
         with torch.device("meta"):
@@ -77,7 +89,11 @@ class ModelRunner:
         model = model.to_empty(device=self.device).to(self.dtype)
         model.tie_weights()
         with torch.no_grad():
-            model.load_weights(iterate_weights(model_dir))
+            if self.config.load_format == "dummy":
+                from ..loader.dummy import init_dummy_weights
+                init_dummy_weights(model)
+            else:
+                model.load_weights(iterate_weights(model_dir))
         return model.eval()
 
     def kv_bytes_per_token(self) -> int:
@@ -140,8 +156,10 @@ class ModelRunner:
         max_blocks = max(len(s.block_table) for s in batch.seqs)
         tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs]
 
+        pin = self.device.type == "cuda"
+
         def tensor(x, dtype=torch.int32):
-            return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
+            return torch.tensor(x, dtype=dtype, pin_memory=pin).to(self.device, non_blocking=True)
 
         block_tables = tensor(tables)
         kv_lens_t = tensor(kv_lens)
@@ -157,6 +175,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Runs one step; returns fp32 logits for the sequences whose last token was computed, in batch order."""
+        if self._fits_decode_graphs(batch):
+            return self.model.compute_logits(self._run_decode_graphs(batch))
         input_ids, positions, ctx, logits_indices = self._prepare(batch)
         set_context(ctx)
         try:
@@ -164,3 +184,16 @@ class ModelRunner:
         finally:
             set_context(None)
         return self.model.compute_logits(hidden[logits_indices])
+
+    def _fits_decode_graphs(self, batch: ScheduledBatch) -> bool:
+        graphs = self.decode_graphs
+        return (graphs is not None and batch.num_decode_seqs == len(batch.seqs) <= graphs.max_batch_size
+                and all(len(s.block_table) <= graphs.max_blocks_per_seq for s in batch.seqs))
+
+    def _run_decode_graphs(self, batch: ScheduledBatch) -> torch.Tensor:
+        bs = self.block_size
+        positions = [s.num_computed_tokens for s in batch.seqs]
+        return self.decode_graphs.run(
+            input_ids=[s.token_ids[p] for s, p in zip(batch.seqs, positions)], positions=positions,
+            slots=[s.block_table[p // bs] * bs + p % bs for s, p in zip(batch.seqs, positions)],
+            kv_lens=[p + 1 for p in positions], block_tables=[s.block_table for s in batch.seqs])
