@@ -1,13 +1,32 @@
 """``lmwrap bench throughput|latency|coldstart``: our engine and ``transformers`` side by side, same run.
 
-Throughput workload (fixed, seeded): ``--num-requests`` (64) prompts of random token ids with
-lengths uniform in [32, 512], output lengths uniform in [16, 256], EOS ignored. transformers runs
-the same prompts in padded batches of ``--hf-batch-size`` with ``generate`` (greedy), each batch
-generating up to its longest requested output; only requested tokens are counted for either side.
+Throughput workload (seeded): ``--num-requests`` (64) prompts of random token ids (the plain
+vocabulary, no special tokens), EOS ignored, lengths from ``--dataset``:
+
+- ``uniform`` (default): prompt lengths uniform in ``--input-len`` [32, 512], output lengths
+  uniform in ``--output-len`` [16, 256].
+- ``sharegpt-like``: a synthetic stand-in for ShareGPT as vLLM/SGLang/LMDeploy benchmarks use it
+  (first human turn as the prompt, the reply's length as the output length, sequences under 4
+  tokens or prompts over 1024 dropped). Lengths are lognormal, rounded and clipped to
+  ``--input-len`` / ``--output-len`` (default [4, 1024] both): prompt ``lognormal(mu=4.8,
+  sigma=1.2)`` (median 121, clipped mean about 218 tokens), output ``lognormal(mu=4.95,
+  sigma=0.85)`` (median 141, clipped mean about 199 tokens): short chat questions with a long
+  tail of pasted documents, and answers of a few hundred tokens. No download.
+
+transformers runs the first ``--hf-num-requests`` requests (default all) in padded batches of
+``--hf-batch-size`` with ``generate`` (greedy) on the engine's device, after the engine is freed,
+each batch generating up to its longest requested output; only requested tokens are counted for
+either side, so the ratio is output tok/s against output tok/s.
+
+``--random-weights SHAPE`` benchmarks a model of a real shape (e.g. ``llama-3.1-8b``) without its
+weights: a config-and-tokenizer folder is written under ``$LMWRAP_CACHE/dummy`` (default
+``~/.cache/lmwrap/dummy``), our engine fills the weights at random (``load_format="dummy"``) and
+transformers builds the same config with ``from_config``.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import queue
 import random
 import subprocess
@@ -15,32 +34,68 @@ import sys
 import time
 from typing import List, Tuple
 
+DATASETS = ("uniform", "sharegpt-like")
+DEFAULT_LENGTHS = {"uniform": ((32, 512), (16, 256)), "sharegpt-like": ((4, 1024), (4, 1024))}
+SHAREGPT_INPUT_LOGNORMAL = (4.8, 1.2)    # (mu, sigma) of the prompt length
+SHAREGPT_OUTPUT_LOGNORMAL = (4.95, 0.85)  # (mu, sigma) of the output length
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", default=None, help="HF folder, .gguf, or default model when omitted")
+    from .loader.dummy import SHAPES
+    parser.add_argument("model", nargs="?", default=None,
+                        help="HF folder, .gguf, or default model when omitted (omit with --random-weights)")
+    parser.add_argument("--random-weights", default=None, choices=sorted(SHAPES), metavar="SHAPE",
+                        help=f"random weights of a known model shape instead of a model ({', '.join(SHAPES)})")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--num-requests", type=int, default=64)
-    parser.add_argument("--input-len", type=int, nargs=2, default=[32, 512], metavar=("MIN", "MAX"))
-    parser.add_argument("--output-len", type=int, nargs=2, default=[16, 256], metavar=("MIN", "MAX"))
+    parser.add_argument("--dataset", default="uniform", choices=DATASETS,
+                        help="request lengths: uniform in the ranges, or ShareGPT-like lognormal clipped to them")
+    parser.add_argument("--input-len", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                        help="prompt length range (default: uniform 32 512, sharegpt-like 4 1024)")
+    parser.add_argument("--output-len", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                        help="output length range (default: uniform 16 256, sharegpt-like 4 1024)")
     parser.add_argument("--hf-batch-size", type=int, default=16)
+    parser.add_argument("--hf-num-requests", type=int, default=None, metavar="N",
+                        help="transformers runs only the first N requests (default: all)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--max-batch-size", type=int, default=128)
     parser.add_argument("--max-prefill-token-num", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
 
 
-def make_workload(vocab_ids: List[int], n: int, input_len, output_len, seed: int) -> List[Tuple[List[int], int]]:
+def _sharegpt_like_length(rng: random.Random, mu_sigma, bounds) -> int:
+    lo, hi = bounds
+    return min(hi, max(lo, round(rng.lognormvariate(*mu_sigma))))
+
+
+def make_workload(vocab_ids: List[int], n: int, input_len, output_len, seed: int,
+                  dataset: str = "uniform") -> List[Tuple[List[int], int]]:
+    """``n`` requests ``(prompt_ids, output_len)``; lengths in (``uniform``) or clipped to (``sharegpt-like``) the bounds."""
     rng = random.Random(seed)
-    return [([rng.choice(vocab_ids) for _ in range(rng.randint(*input_len))], rng.randint(*output_len))
-            for _ in range(n)]
+    if dataset == "uniform":
+        return [([rng.choice(vocab_ids) for _ in range(rng.randint(*input_len))], rng.randint(*output_len))
+                for _ in range(n)]
+    if dataset != "sharegpt-like":
+        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+    workload = []
+    for _ in range(n):
+        num_in = _sharegpt_like_length(rng, SHAREGPT_INPUT_LOGNORMAL, input_len)
+        num_out = _sharegpt_like_length(rng, SHAREGPT_OUTPUT_LOGNORMAL, output_len)
+        workload.append(([rng.choice(vocab_ids) for _ in range(num_in)], num_out))
+    return workload
 
 
 def _open_pipeline(args):
-    from .config import PytorchEngineConfig
+    from .config import EngineConfig
     from .pipeline import pipeline
-    cfg = PytorchEngineConfig(dtype=args.dtype, max_batch_size=args.max_batch_size,
-                              max_prefill_token_num=args.max_prefill_token_num)
-    return pipeline(args.model, cfg)
+    shape = getattr(args, "random_weights", None)
+    model = args.model
+    if shape:
+        from .loader.dummy import dummy_cache_dir, write_dummy_model_dir
+        model = write_dummy_model_dir(shape, dummy_cache_dir())
+    cfg = EngineConfig(dtype=args.dtype, max_batch_size=args.max_batch_size,
+                       max_prefill_token_num=args.max_prefill_token_num, load_format="dummy" if shape else "auto")
+    return pipeline(model, cfg)
 
 
 def _plain_vocab(tokenizer) -> List[int]:
@@ -66,45 +121,104 @@ def run_engine(pipe, workload) -> Tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
-def run_transformers(model_dir: str, dtype, workload, batch_size: int) -> Tuple[float, int]:
+def load_transformers_model(model_dir: str, dtype, device, random_weights: bool = False):
+    """The transformers twin: ``from_pretrained``, or ``from_config`` (random weights) built on ``device``."""
     import torch
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if random_weights:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    return model.eval()
+
+
+def run_transformers(model, workload, batch_size: int) -> Tuple[float, int]:
+    import torch
+    device = model.device
     pad = model.config.pad_token_id or 0
-    tokens = 0
-    start = time.perf_counter()
-    for b in range(0, len(workload), batch_size):
-        batch = workload[b:b + batch_size]
+
+    def generate(batch):
         width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in batch])
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in batch])
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in batch], device=device)
         n = max(out for _, out in batch)
         with torch.no_grad():
             model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, pad_token_id=pad)
+
+    generate([(workload[0][0], 2)])  # warm-up
+    _synchronize(device)
+    tokens = 0
+    start = time.perf_counter()
+    for b in range(0, len(workload), batch_size):
+        batch = workload[b:b + batch_size]
+        generate(batch)
         tokens += sum(out for _, out in batch)
+    _synchronize(device)
     return time.perf_counter() - start, tokens
 
 
+def _synchronize(device) -> None:
+    import torch
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free_device_memory(device) -> None:
+    import torch
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _length_bounds(args) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    default_in, default_out = DEFAULT_LENGTHS[args.dataset]
+    bounds = (tuple(args.input_len or default_in), tuple(args.output_len or default_out))
+    for name, (lo, hi) in zip(("--input-len", "--output-len"), bounds):
+        if not 1 <= lo <= hi:
+            raise SystemExit(f"lmwrap bench throughput: {name} needs 1 <= MIN <= MAX, got {lo} {hi}")
+    return bounds
+
+
 def throughput(args) -> None:
+    if args.random_weights and args.model:
+        raise SystemExit(f"lmwrap bench throughput: --random-weights {args.random_weights} builds its own model; "
+                         f"omit the model argument ({args.model!r})")
+    if args.hf_num_requests is not None and args.hf_num_requests < 1:
+        raise SystemExit(f"lmwrap bench throughput: --hf-num-requests must be >= 1, got {args.hf_num_requests}")
+    input_len, output_len = _length_bounds(args)
     pipe = _open_pipeline(args)
     runner = pipe.async_engine.engine.runner
-    workload = make_workload(_plain_vocab(pipe.tokenizer), args.num_requests, args.input_len, args.output_len,
-                             args.seed)
+    device, dtype, model_dir = runner.device, runner.dtype, pipe.async_engine.model_dir
+    workload = make_workload(_plain_vocab(pipe.tokenizer), args.num_requests, input_len, output_len, args.seed,
+                             args.dataset)
     num_in = sum(len(ids) for ids, _ in workload)
-    print(f"workload: {len(workload)} requests, {num_in} prompt tokens, "
-          f"{sum(o for _, o in workload)} output tokens, EOS ignored; dtype {runner.dtype}, device {runner.device}")
+    if args.dataset == "uniform":
+        lengths = f"uniform lengths, prompts {input_len[0]}-{input_len[1]}, outputs {output_len[0]}-{output_len[1]}"
+    else:
+        lengths = (f"sharegpt-like lognormal lengths, prompts clipped to {input_len[0]}-{input_len[1]}, "
+                   f"outputs to {output_len[0]}-{output_len[1]}")
+    model = f"random weights, {args.random_weights} shape" if args.random_weights else model_dir
+    print(f"model: {model}")
+    print(f"workload: {len(workload)} requests ({lengths}), {num_in} prompt tokens, "
+          f"{sum(o for _, o in workload)} output tokens, EOS ignored; dtype {dtype}, device {device}")
     run_engine(pipe, workload[:2])  # warm-up
     secs, toks = run_engine(pipe, workload)
     print(f"lmwrap       : {secs:8.2f} s  {toks / secs:9.1f} output tok/s  {(toks + num_in) / secs:9.1f} total tok/s")
-    model_dir = pipe.async_engine.model_dir
     pipe.close()
+    del pipe, runner  # the engine's weights and KV cache go before transformers loads its copy
+    _free_device_memory(device)
     if args.no_hf:
         return
-    hf_secs, hf_toks = run_transformers(model_dir, runner.dtype, workload, args.hf_batch_size)
+    hf_workload = workload[:args.hf_num_requests]
+    hf_model = load_transformers_model(model_dir, dtype, device, random_weights=bool(args.random_weights))
+    hf_secs, hf_toks = run_transformers(hf_model, hf_workload, args.hf_batch_size)
+    subset = (f"first {len(hf_workload)} of {len(workload)} requests, " if len(hf_workload) < len(workload)
+              else "")
     print(f"transformers : {hf_secs:8.2f} s  {hf_toks / hf_secs:9.1f} output tok/s  "
-          f"(padded batches of {args.hf_batch_size})")
-    print(f"ratio        : {(toks / secs) / (hf_toks / hf_secs):.2f}x")
+          f"({subset}padded batches of {args.hf_batch_size})")
+    print(f"ratio        : {(toks / secs) / (hf_toks / hf_secs):.2f}x output tok/s")
 
 
 def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
