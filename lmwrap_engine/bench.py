@@ -70,7 +70,7 @@ def _sharegpt_like_length(rng: random.Random, mu_sigma, bounds) -> int:
 
 def make_workload(vocab_ids: List[int], n: int, input_len, output_len, seed: int,
                   dataset: str = "uniform") -> List[Tuple[List[int], int]]:
-    """``n`` requests ``(prompt_ids, output_len)``; lengths in (``uniform``) or clipped to (``sharegpt-like``) the bounds."""
+    """``n`` seeded requests ``(prompt_ids, output_len)``, lengths drawn as the module docstring says."""
     rng = random.Random(seed)
     if dataset == "uniform":
         return [([rng.choice(vocab_ids) for _ in range(rng.randint(*input_len))], rng.randint(*output_len))
