@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--max-batch-size", type=int, default=128)
     parser.add_argument("--max-prefill-token-num", type=int, default=4096)
+    parser.add_argument("--session-len", type=int, default=None,
+                        help="longest sequence (default: the model's max_position_embeddings); on CUDA it "
+                             "also bounds the context the decode graphs' attention grid is sized for")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -94,7 +97,8 @@ def _open_pipeline(args):
         from .loader.dummy import dummy_cache_dir, write_dummy_model_dir
         model = write_dummy_model_dir(shape, dummy_cache_dir())
     cfg = EngineConfig(dtype=args.dtype, max_batch_size=args.max_batch_size,
-                       max_prefill_token_num=args.max_prefill_token_num, load_format="dummy" if shape else "auto")
+                       max_prefill_token_num=args.max_prefill_token_num, session_len=getattr(args, "session_len", None),
+                       load_format="dummy" if shape else "auto")
     return pipeline(model, cfg)
 
 
