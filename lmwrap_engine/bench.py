@@ -61,8 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=128)
     parser.add_argument("--max-prefill-token-num", type=int, default=4096)
     parser.add_argument("--session-len", type=int, default=None,
-                        help="longest sequence (default: the model's max_position_embeddings); on CUDA it "
-                             "also bounds the context the decode graphs' attention grid is sized for")
+                        help="longest sequence (default: the model's max_position_embeddings)")
     parser.add_argument("--seed", type=int, default=0)
 
 

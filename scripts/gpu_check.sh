@@ -40,5 +40,5 @@ case "${1:-}" in
         step bench_kernels_bs256 $LMWRAP bench kernels --block-size 256 ;;
     e2e)
         step bench_8b $LMWRAP bench throughput --random-weights llama-3.1-8b --dtype bfloat16 \
-            --num-requests 1000 --dataset sharegpt-like --max-batch-size 256 --session-len 4096 --hf-num-requests 64 --hf-batch-size 32 ;;
+            --num-requests 1000 --dataset sharegpt-like --max-batch-size 256 --hf-num-requests 64 --hf-batch-size 32 ;;
 esac

@@ -32,11 +32,18 @@ def test_batch_size_ladder(max_batch, expected):
     assert graph_batch_sizes(max_batch) == expected
 
 
-def attach_buffers(pipe, max_batch_size):
+def attach_buffers(pipe, max_batch_size, max_blocks_per_seq=64):
     runner = pipe.async_engine.engine.runner
-    runner.decode_graphs = DecodeGraphs(runner.model, max_batch_size, runner.max_blocks_per_seq,
+    runner.decode_graphs = DecodeGraphs(runner.model, max_batch_size, max_blocks_per_seq,
                                         runner.args.hidden_size, runner.dtype, runner.device, capture=False)
     return runner.decode_graphs
+
+
+def test_runner_sizes_graphs_from_its_config(tiny_model_dir):
+    with pipeline(tiny_model_dir("llama"), tiny_config(max_batch_size=40, session_len=100, block_size=16)) as pipe:
+        graphs = pipe.async_engine.engine.runner.make_decode_graphs(capture=False)
+        assert graphs.batch_sizes == [1, 2, 4, 8, 16, 32, 40]
+        assert graphs.max_blocks_per_seq == 7  # ceil(100 / 16)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -84,3 +91,18 @@ def test_int8_kv_cache_through_buffers_matches_eager(tiny_model_dir):
         graphs = attach_buffers(pipe, max_batch_size=8)
         assert [r.token_ids for r in pipe(PROMPTS, gen_config=configs)] == eager
         assert graphs.num_runs > 0
+
+
+def test_sequences_longer_than_the_graphs_context_decode_eagerly(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    prompts = ["a", "hello world", "The capital of France is Paris. The capital of Italy is"]
+    gen = [GenerationConfig(max_new_tokens=n, ignore_eos=True) for n in (14, 8, 3)]  # the long one ends first
+    with pipeline(path, tiny_config(block_size=4)) as pipe:
+        eager = [r.token_ids for r in pipe(prompts, gen_config=gen, do_preprocess=False)]
+        graphs = attach_buffers(pipe, max_batch_size=8, max_blocks_per_seq=3)  # 12 tokens
+        assert [r.token_ids for r in pipe(prompts, gen_config=gen, do_preprocess=False)] == eager
+        runs = graphs.num_runs
+        assert 0 < runs < 13  # only while every sequence in the batch fits in 12 tokens
+        assert [r.token_ids for r in pipe(prompts[2:], gen_config=gen[2:], do_preprocess=False)] == eager[2:]
+        assert graphs.num_runs == runs  # never fits
+        assert_all_blocks_free(pipe)

@@ -21,6 +21,10 @@ logger = logging.getLogger("lmwrap_engine")
 
 CPU_KV_CACHE_BYTES = 4 << 30
 MAX_GRAPH_BATCH_SIZE = 512
+# Decode graphs serve sequences up to this long (vLLM's max_seq_len_to_capture); longer ones run
+# eagerly. It bounds the block-table width the attention grid is sized for, so a 128k session
+# length does not shrink the attention's parallelism for everyone.
+MAX_GRAPH_CONTEXT = 8192
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -72,7 +76,6 @@ class ModelRunner:
         self.session_len = config.session_len or self.args.max_position_embeddings
         self.block_size = config.block_size
         self.num_blocks = self._allocate_kv_cache()
-        self.max_blocks_per_seq = -(-self.session_len // self.block_size)
         self.decode_graphs = None
         if self.device.type == "cuda" and not config.eager_mode:
             self.decode_graphs = self.make_decode_graphs(capture=True)
@@ -80,7 +83,8 @@ class ModelRunner:
     def make_decode_graphs(self, capture: bool) -> DecodeGraphs:
         """Decode through fixed buffers: captured as CUDA graphs, or run eagerly (``capture=False``)."""
         max_batch = min(self.config.max_batch_size, MAX_GRAPH_BATCH_SIZE)
-        return DecodeGraphs(self.model, max_batch, self.max_blocks_per_seq, self.args.hidden_size,
+        max_blocks = -(-min(self.session_len, MAX_GRAPH_CONTEXT) // self.block_size)
+        return DecodeGraphs(self.model, max_batch, max_blocks, self.args.hidden_size,
                             self.dtype, self.device, capture=capture)
 
     def _load_model(self, model_dir: str) -> torch.nn.Module:
