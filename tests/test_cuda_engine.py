@@ -6,7 +6,7 @@ other; after that point the two continuations are different prompts and are not 
 import pytest
 import torch
 
-from tiny_models import ARCHS, CORPUS, assert_all_blocks_free, load_reference
+from tiny_models import ARCHS, CORPUS, assert_all_blocks_free, load_reference, reference_greedy
 
 from lmwrap_engine import GenerationConfig, PytorchEngineConfig, pipeline
 
@@ -37,13 +37,6 @@ def first_divergence(ref, prompt_ids, got, want):
     assert len(got) == len(want)
     return None
 
-
-def reference_greedy(ref, ids, n):
-    ids = torch.tensor([ids], device="cuda")
-    with torch.no_grad():
-        for _ in range(n):
-            ids = torch.cat([ids, ref(ids).logits[0, -1].argmax().view(1, 1)], 1)
-    return ids[0].tolist()
 
 
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])

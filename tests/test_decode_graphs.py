@@ -4,9 +4,8 @@ On CPU the buffers are run eagerly instead of replayed; everything else — padd
 block-table columns, falling back to the eager path for batches too large — is the code the GPU runs.
 """
 import pytest
-import torch
 
-from tiny_models import ARCHS, assert_all_blocks_free, load_reference, tiny_config
+from tiny_models import ARCHS, assert_all_blocks_free, load_reference, reference_greedy, tiny_config
 
 from lmwrap_engine import GenerationConfig, pipeline
 from lmwrap_engine.engine.cuda_graph import DecodeGraphs, graph_batch_sizes
@@ -16,13 +15,6 @@ PROMPTS = ["hello world", "The capital of France is Paris. The capital of Italy 
            "tiny models for a tiny tokenizer, this is a test of a test"]
 OUTPUT_LENS = [9, 3, 14, 6, 11, 1]  # the batch shrinks step by step, so the padding changes
 
-
-def reference_greedy(model, ids, n):
-    ids = torch.tensor([ids])
-    with torch.no_grad():
-        for _ in range(n):
-            ids = torch.cat([ids, model(ids).logits[0, -1].argmax().view(1, 1)], 1)
-    return ids[0].tolist()
 
 
 @pytest.mark.parametrize("max_batch, expected", [(1, [1]), (3, [1, 2, 3]), (8, [1, 2, 4, 8]),

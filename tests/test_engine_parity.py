@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tiny_models import ARCHS, load_reference
+from tiny_models import ARCHS, load_reference, reference_greedy
 
 from lmwrap_engine import GenerationConfig, PytorchEngineConfig, pipeline
 from lmwrap_engine.config import EngineConfig
@@ -20,15 +20,6 @@ PROMPTS = [
     "tiny models for a tiny tokenizer, this is a test of a test of a test",
 ]
 GREEDY = GenerationConfig(max_new_tokens=12, ignore_eos=True)
-
-
-def reference_greedy(model, ids, n):
-    ids = torch.tensor([ids])
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = model(ids).logits[0, -1].argmax()
-            ids = torch.cat([ids, nxt.view(1, 1)], 1)
-    return ids[0].tolist()
 
 
 LLAMA3_ROPE = dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

@@ -101,6 +101,15 @@ def load_reference(path: str):
     return AutoModelForCausalLM.from_pretrained(ref, torch_dtype=torch.float32).eval()
 
 
+def reference_greedy(model, ids, n: int) -> list:
+    """``ids`` followed by transformers' ``n`` greedy tokens (full recompute each step: no cache to trust)."""
+    ids = torch.tensor([ids], device=model.device)
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids).logits[0, -1].argmax().view(1, 1)], 1)
+    return ids[0].tolist()
+
+
 def _save_as_internlm2(model, path: str) -> None:
     """InternLM2 layout: packed ``wqkv`` grouped per KV head as [q * groups, k, v]."""
     from safetensors.torch import save_file
