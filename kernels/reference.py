@@ -139,16 +139,19 @@ def _decode_group(q, k_cache, v_cache, block_tables, lens, scale, k_scales_zeros
     if k_scales_zeros is not None:
         k = dequantize_int8(k, k_scales_zeros[ids].view(batch, length, num_kv_heads, 2), q.dtype)
         v = dequantize_int8(v, v_scales_zeros[ids].view(batch, length, num_kv_heads, 2), q.dtype)
-    valid = torch.arange(length, device=q.device) < lens.unsqueeze(1)
-    # Padding slots hold whatever the cache held, even NaN, and a zero weight times NaN is NaN.
-    v[~valid] = 0
-    masked = ~valid[:, None, :]
+    # Padding slots hold whatever the cache held, even NaN, which survives both a -inf score and a
+    # zero weight: zero them (each row's padding is one contiguous tail).
+    for row, n in enumerate(lens.tolist()):
+        k[row, n:] = 0
+        v[row, n:] = 0
+    bias = torch.zeros(batch, 1, length, dtype=q.dtype, device=q.device)
+    bias.masked_fill_(torch.arange(length, device=q.device) >= lens[:, None, None], float("-inf"))
     group = num_heads // num_kv_heads
     qg = q.view(batch, num_kv_heads, group, head_dim)
     out = torch.empty_like(qg)
-    for h in range(num_kv_heads):  # per KV head: the strided K/V slices feed bmm without a copy
-        scores = torch.bmm(qg[:, h], k[:, :, h].transpose(1, 2)).float().mul_(scale)
-        probs = torch.softmax(scores.masked_fill_(masked, float("-inf")), dim=-1).to(q.dtype)
+    for h in range(num_kv_heads):  # per KV head: the strided K/V slices feed the matmuls without a copy
+        scores = torch.baddbmm(bias, qg[:, h], k[:, :, h].transpose(1, 2), alpha=scale)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out[:, h] = torch.bmm(probs, v[:, :, h])
     return out.view(batch, num_heads, head_dim)
 
