@@ -256,24 +256,28 @@ def latency(args) -> None:
           f"device {runner.device}, median of {args.runs}")
     print(f"lmwrap       : time to first token {statistics.median(ttfts) * 1e3:7.1f} ms   "
           f"decode {statistics.median(rates):7.1f} tok/s")
-    model_dir = pipe.async_engine.model_dir
+    device, dtype, model_dir = runner.device, runner.dtype, pipe.async_engine.model_dir
     pipe.close()
+    del pipe, runner
+    _free_device_memory(device)
     if args.no_hf:
         return
     import torch
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=runner.dtype).eval()
-    x = torch.tensor([ids])
+    model = load_transformers_model(model_dir, dtype, device)
+    x = torch.tensor([ids], device=device)
+
+    def timed_generate(n: int) -> float:
+        start = time.perf_counter()
+        model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        _synchronize(device)
+        return time.perf_counter() - start
+
     ttfts, rates = [], []
     with torch.no_grad():
-        model.generate(x, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        timed_generate(4)
         for _ in range(args.runs):  # the same medians as ours: TTFT from 1-token runs, decode from full ones
-            start = time.perf_counter()
-            model.generate(x, max_new_tokens=1, min_new_tokens=1, do_sample=False)
-            ttfts.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            model.generate(x, max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False)
-            rates.append((args.output_len - 1) / max(time.perf_counter() - start - ttfts[-1], 1e-9))
+            ttfts.append(timed_generate(1))
+            rates.append((args.output_len - 1) / max(timed_generate(args.output_len) - ttfts[-1], 1e-9))
     print(f"transformers : time to first token {statistics.median(ttfts) * 1e3:7.1f} ms   "
           f"decode {statistics.median(rates):7.1f} tok/s")
 
