@@ -5,7 +5,8 @@ larger than their run time. A captured graph replays them all with one launch. G
 their inputs from fixed buffers, so each step copies its inputs there and pads the batch up to
 the nearest captured size: padding rows write no KV (slot -1) and attend to nothing (kv_len 0).
 The attention kernels size their grids from shapes only (``block_tables`` is always
-``max_blocks_per_seq`` wide here), so one graph serves every context length.
+``max_blocks_per_seq`` wide here), so one graph serves every context up to that width; the model
+runner sends longer sequences down the eager path.
 """
 from __future__ import annotations
 
