@@ -7,7 +7,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tiny_models import build_tiny_model  # noqa: E402
+from tiny_models import build_tiny_model, tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +21,17 @@ def tiny_model_dir(tiny_root):
     def make(arch: str = "llama", seed: int = 0, **overrides) -> str:
         return build_tiny_model(tiny_root, arch, seed, **overrides)
     return make
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir):
+    """The default tiny model's folder."""
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    """One pipeline per test module on the default tiny model, fp32 with a small fixed cache."""
+    from lmwrap_engine import pipeline
+    with pipeline(model_dir, tiny_config()) as p:
+        yield p

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from lmwrap_engine import GenerationConfig, PytorchEngineConfig, pipeline
+from lmwrap_engine import GenerationConfig
 
 # lmdeploy v0.6.2's GenerationConfig, field by field, in its order (compat.md section 4).
 LMDEPLOY_V062_DEFAULTS = dict(
@@ -78,12 +78,6 @@ def test_single_stop_word_and_id_become_lists():
 
 
 # -- applied by the engine --------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def pipe(tiny_model_dir):
-    with pipeline(tiny_model_dir(), PytorchEngineConfig(dtype="float32", num_gpu_blocks=32, block_size=16)) as p:
-        yield p
-
 
 def test_ignore_eos_ignores_the_template_stop_words_too(pipe):
     """The tiny model's template stop word is its EOS token: with ignore_eos it must not end the reply."""

@@ -20,17 +20,6 @@ def assert_serves(pipe, expected: Response):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_model_dir):
-    return tiny_model_dir()
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir):
-    with pipeline(model_dir, tiny_config()) as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
 def singles(pipe):
     """Each prompt run alone: the reference for batched and streamed runs."""
     return {p: pipe(p, gen_config=GREEDY) for p in PROMPTS}

@@ -25,17 +25,6 @@ def turn(pipe, session_id, input_ids, gen_config=GREEDY, **kwargs):
     return deltas[-1], [t for d in deltas for t in d.token_ids], "".join(d.text for d in deltas)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dir):
-    return tiny_model_dir()
-
-
-@pytest.fixture(scope="module")
-def pipe(model_dir):
-    with pipeline(model_dir, tiny_config()) as p:
-        yield p
-
-
 @pytest.fixture
 def encode(pipe):
     return lambda prompt, start: pipe.async_engine.encode_prompt(prompt, start, True)
