@@ -5,9 +5,11 @@ head are stacked into the rows of one ``tl.dot``, so every K/V tile is read once
 Partitions write a partial output and its log-sum-exp; a second kernel merges them. With a
 single partition the first kernel writes the final output itself.
 
-The grid depends only on shapes (``block_tables.shape[1]`` bounds the context), never on the
-values of ``kv_lens``: no host sync, and a CUDA graph can capture it. Partitions past a
-sequence's end return at once.
+The grid depends only on shapes, never on the values of ``kv_lens``: no host sync, and a CUDA
+graph can capture it. The number of partitions is fixed per launch; each sequence cuts its own
+``kv_len`` keys into at most that many partitions of at least ``MIN_PARTITION`` keys, so a short sequence
+uses few programs however wide the block table is (a graph captured for 8k tokens serves 300-token
+sequences as well as an eager launch does). Partitions past a sequence's end return at once.
 """
 from __future__ import annotations
 
@@ -46,20 +48,27 @@ def _load_kv_tile(k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, block_table, n, 
 
 
 @triton.jit
+def _partition_size(kv_len, num_splits, BLOCK_N: tl.constexpr, MIN_PARTITION: tl.constexpr):
+    """Keys per partition of one sequence: a multiple of BLOCK_N, at least MIN_PARTITION."""
+    return tl.maximum(tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N, MIN_PARTITION)
+
+
+@triton.jit
 def _decode_partition_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, k_sz_ptr, v_sz_ptr, block_tables_ptr, kv_lens_ptr,
         out_ptr, mid_o_ptr, mid_lse_ptr,
         stride_qb, stride_qh, stride_ob, stride_oh,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         stride_kszb, stride_kszs, stride_kszh, stride_vszb, stride_vszs, stride_vszh,
-        stride_bt, stride_mb, stride_mh, stride_ms, qk_scale_log2, partition,
+        stride_bt, stride_mb, stride_mh, stride_ms, qk_scale_log2, num_splits,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PARTITION: tl.constexpr,
         QUANT: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     kv_len = tl.load(kv_lens_ptr + b)
+    partition = _partition_size(kv_len, num_splits, BLOCK_N, MIN_PARTITION)
     start = split * partition
     is_active = start < kv_len
     if DIRECT:
@@ -108,12 +117,13 @@ def _decode_partition_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, kv_lens_ptr, out_ptr,
-                          stride_mb, stride_mh, stride_ms, stride_ob, stride_oh, partition,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                          stride_mb, stride_mh, stride_ms, stride_ob, stride_oh, num_splits,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                          BLOCK_N: tl.constexpr, MIN_PARTITION: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     kv_len = tl.load(kv_lens_ptr + b)
-    num_active = tl.cdiv(kv_len, partition)
+    num_active = tl.cdiv(kv_len, _partition_size(kv_len, num_splits, BLOCK_N, MIN_PARTITION))
     splits = tl.arange(0, BLOCK_S)
     split_mask = splits < num_active
     cols = tl.arange(0, BLOCK_D)
@@ -133,7 +143,7 @@ class DecodeConfig(NamedTuple):
     num_warps: int
     num_stages: int
     min_partition: int  # fewest keys per partition
-    programs_per_sm: int  # partitions are sized for about this many programs per SM at full context
+    programs_per_sm: int  # partitions per sequence are chosen for about this many programs per SM
 
 
 def _config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
@@ -150,13 +160,12 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _partition_size(max_context: int, num_pairs: int, num_sms: int, cfg: DecodeConfig) -> int:
-    """Keys per partition (a multiple of ``block_n``), from shapes alone: about
-    ``programs_per_sm`` (sequence, KV head, partition) programs per SM when every sequence is
-    ``max_context`` long, no partition under ``min_partition`` and at most 128 partitions."""
-    wanted_splits = max(1, triton.cdiv(cfg.programs_per_sm * num_sms, num_pairs))
-    partition = max(triton.cdiv(max_context, wanted_splits), cfg.min_partition, triton.cdiv(max_context, 128))
-    return triton.cdiv(partition, cfg.block_n) * cfg.block_n
+def _num_splits(max_context: int, num_pairs: int, num_sms: int, cfg: DecodeConfig) -> int:
+    """Partitions per sequence, from shapes alone: about ``programs_per_sm`` (sequence, KV head,
+    partition) programs per SM, no more than a ``max_context``-long sequence fills with
+    ``min_partition``-key partitions, and at most 128."""
+    wanted = triton.cdiv(cfg.programs_per_sm * num_sms, num_pairs)
+    return max(1, min(wanted, triton.cdiv(max_context, cfg.min_partition), 128))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -186,8 +195,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = num_heads // num_kv_heads
     cfg = _config(head_dim, q.dtype, q.device)
     max_context = block_tables.shape[1] * block_size
-    partition = _partition_size(max_context, batch * num_kv_heads, _num_sms(q.device), cfg)
-    num_splits = triton.cdiv(max_context, partition)
+    num_splits = _num_splits(max_context, batch * num_kv_heads, _num_sms(q.device), cfg)
     direct = num_splits == 1
     if direct:
         mid_o = mid_lse = out  # unused
@@ -205,16 +213,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         k_sz.stride(0), k_sz.stride(1), k_sz.stride(2), v_sz.stride(0), v_sz.stride(1), v_sz.stride(2),
-        block_tables.stride(0), *mid_strides, scale * LOG2E, partition,
+        block_tables.stride(0), *mid_strides, scale * LOG2E, num_splits,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n, QUANT=quant, DIRECT=direct,
+        BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n, MIN_PARTITION=cfg.min_partition,
+        QUANT=quant, DIRECT=direct,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if not direct:
         _decode_reduce_kernel[(batch, num_heads)](
-            mid_o, mid_lse, kv_lens, out, *mid_strides, out.stride(0), out.stride(1), partition,
-            HEAD_DIM=head_dim, BLOCK_D=block_d,
-            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
+            mid_o, mid_lse, kv_lens, out, *mid_strides, out.stride(0), out.stride(1), num_splits,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_N=cfg.block_n, MIN_PARTITION=cfg.min_partition, num_warps=4)
     return out
 
 

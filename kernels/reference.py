@@ -109,7 +109,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, kv_lens: torch.Tensor, scale: float,
                            k_scales_zeros: Optional[torch.Tensor] = None,
                            v_scales_zeros: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """One query per sequence: ``q [B, H, D]`` attends its ``kv_lens[b]`` cached keys. Returns ``[B, H, D]``."""
+    """One query per sequence: ``q [B, H, D]`` attends its ``kv_lens[b]`` cached keys. Returns ``[B, H, D]``;
+    a sequence with no keys (a CUDA graph's padding row) gets zeros."""
     lens = kv_lens.to(q.device).long()
     batch = q.shape[0]
     # Sequences of similar length are padded to a common length together: on CPU the gathered
@@ -127,7 +128,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 def _decode_group(q, k_cache, v_cache, block_tables, lens, scale, k_scales_zeros, v_scales_zeros):
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    if batch == 1 and k_scales_zeros is None:  # exactly its own tokens: no padding to mask
+    if batch == 1 and k_scales_zeros is None and lens[0] > 0:  # exactly its own tokens: no padding to mask
         n = int(lens[0])
         k = _gather_kv(k_cache, block_tables[0], n, None, q.dtype).transpose(0, 1)
         v = _gather_kv(v_cache, block_tables[0], n, None, q.dtype).transpose(0, 1)
@@ -150,7 +151,9 @@ def _decode_group(q, k_cache, v_cache, block_tables, lens, scale, k_scales_zeros
         k[row, n:] = 0
         v[row, n:] = 0
     bias = torch.zeros(batch, 1, length, dtype=q.dtype, device=q.device)
-    bias.masked_fill_(torch.arange(length, device=q.device) >= lens[:, None, None], float("-inf"))
+    # A row with no keys keeps a zero bias: it then averages zeroed padding and comes out 0, not NaN.
+    padding = (torch.arange(length, device=q.device) >= lens[:, None, None]) & (lens[:, None, None] > 0)
+    bias.masked_fill_(padding, float("-inf"))
     group = num_heads // num_kv_heads
     qg = q.view(batch, num_kv_heads, group, head_dim)
     out = torch.empty_like(qg)

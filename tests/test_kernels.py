@@ -141,10 +141,10 @@ def cdiv(a, b):
     return -(-a // b)
 
 
-def make_block_tables(kv_lens, block_size, num_blocks, gen, device):
+def make_block_tables(kv_lens, block_size, num_blocks, gen, device, width=None):
     """Each sequence gets scattered, distinct blocks; columns past its own blocks hold garbage."""
     blocks_per_seq = [cdiv(n, block_size) for n in kv_lens]
-    width = max(blocks_per_seq) + 1
+    width = width or max(blocks_per_seq) + 1
     assert sum(blocks_per_seq) <= num_blocks
     ids = torch.randperm(num_blocks, generator=gen)
     table = torch.full((len(kv_lens), width), GARBAGE_BLOCK, dtype=torch.int32)
@@ -172,20 +172,19 @@ def make_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, device, qu
 
 
 def check_decode(device, dtype, num_heads, num_kv_heads, head_dim, block_size, kv_lens, quant, seed,
-                 expect_splits=None):
+                 expect_splits=None, table_width=None):
     gen = seeded(seed)
     num_blocks = sum(cdiv(n, block_size) for n in kv_lens) + 3
     k_cache, v_cache, k_sz, v_sz = make_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, device, quant, gen)
-    block_tables = make_block_tables(kv_lens, block_size, num_blocks, gen, device)
+    block_tables = make_block_tables(kv_lens, block_size, num_blocks, gen, device, table_width)
     lens = torch.tensor(kv_lens, dtype=torch.int32, device=device)
     q = randn(len(kv_lens), num_heads, head_dim, dtype=dtype, device=device, gen=gen)
     scale = head_dim ** -0.5
     if expect_splits is not None:
         paged_decode = importlib.import_module("kernels.paged_decode")
         cfg = paged_decode._config(head_dim, dtype, q.device)
-        partition = paged_decode._partition_size(block_tables.shape[1] * block_size, len(kv_lens) * num_kv_heads,
-                                                 paged_decode._num_sms(q.device), cfg)
-        splits = cdiv(block_tables.shape[1] * block_size, partition)
+        splits = paged_decode._num_splits(block_tables.shape[1] * block_size, len(kv_lens) * num_kv_heads,
+                                          paged_decode._num_sms(q.device), cfg)
         assert expect_splits(splits), f"case meant to cover another split count, got {splits}"
     out = kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale, k_sz, v_sz)
     expected = reference.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale, k_sz, v_sz)
@@ -245,26 +244,29 @@ def check_fill_kv_cache(device, dtype, num_kv_heads, head_dim, block_size, num_t
             torch.testing.assert_close(got, want, equal_nan=True, atol=0, rtol=0)
 
 
-# (num_heads, num_kv_heads, head_dim, block_size, kv_lens, quant, expected split count)
+# (num_heads, num_kv_heads, head_dim, block_size, kv_lens, quant, expected split count, table width)
 DECODE_INTERP_CASES = [
-    pytest.param(4, 4, 32, 16, [1, 17, 40], False, None, id="mha-bs16"),
-    pytest.param(6, 2, 32, 4, [5, 37, 64, 13], False, None, id="gqa3-bs4"),
-    pytest.param(8, 2, 32, 32, [70, 3], False, lambda s: s >= 4, id="gqa4-bs32-many-splits"),
-    pytest.param(4, 1, 48, 8, [9, 31], False, None, id="mqa-d48-bs8"),
-    pytest.param(6, 2, 32, 16, [16, 1, 33], True, None, id="gqa3-int8-bs16"),
-    pytest.param(4, 4, 32, 8, [25, 8], True, None, id="mha-int8-bs8"),
+    pytest.param(4, 4, 32, 16, [1, 17, 40], False, None, None, id="mha-bs16"),
+    pytest.param(6, 2, 32, 4, [5, 37, 64, 13], False, None, None, id="gqa3-bs4"),
+    pytest.param(8, 2, 32, 32, [70, 3], False, lambda s: s >= 4, None, id="gqa4-bs32-many-splits"),
+    pytest.param(4, 1, 48, 8, [9, 31], False, None, None, id="mqa-d48-bs8"),
+    pytest.param(6, 2, 32, 16, [16, 1, 33], True, None, None, id="gqa3-int8-bs16"),
+    pytest.param(4, 4, 32, 8, [25, 8], True, None, None, id="mha-int8-bs8"),
     pytest.param(4, 2, 32, 16, [3, 16, 9, 1, 12, 7, 16, 2, 5, 11, 14, 6, 4, 13, 10, 15], False, lambda s: s == 1,
-                 id="gqa2-one-split"),
+                 None, id="gqa2-one-split"),
+    # A block table far wider than the sequences, as in a CUDA graph captured for long contexts; a padding row.
+    pytest.param(6, 2, 32, 16, [70, 3, 0, 40], False, lambda s: s >= 4, 64, id="gqa3-wide-table"),
+    pytest.param(4, 4, 32, 8, [33, 0, 9], True, lambda s: s >= 3, 128, id="mha-int8-wide-table"),
 ]
 
 
 @pytest.mark.parametrize("device", [INTERP])
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size,kv_lens,quant,splits", DECODE_INTERP_CASES)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size,kv_lens,quant,splits,width", DECODE_INTERP_CASES)
 def test_paged_decode_interp(device, dtype, num_heads, num_kv_heads, head_dim, block_size, kv_lens, quant, splits,
-                             poisoned):
+                             width, poisoned):
     check_decode(device, dtype, num_heads, num_kv_heads, head_dim, block_size, kv_lens, quant, seed=len(kv_lens),
-                 expect_splits=splits)
+                 expect_splits=splits, table_width=width)
 
 
 @pytest.mark.parametrize("device", [GPU])
