@@ -130,7 +130,9 @@ def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, kv_lens_ptr, out_ptr,
     col_mask = cols < HEAD_DIM
     mid = b * stride_mb + h * stride_mh + splits * stride_ms
     lse = tl.load(mid_lse_ptr + mid, mask=split_mask, other=float("-inf"))
-    weight = tl.where(split_mask, tl.exp2(lse - tl.max(lse, axis=0)), 0.0)
+    top = tl.max(lse, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)  # kv_len == 0: no partition, and no -inf - -inf
+    weight = tl.where(split_mask, tl.exp2(lse - top), 0.0)
     part = tl.load(mid_o_ptr + mid[:, None] * HEAD_DIM + cols[None, :],
                    mask=split_mask[:, None] & col_mask[None, :], other=0.0)
     total = tl.sum(weight, axis=0)

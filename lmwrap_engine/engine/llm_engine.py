@@ -1,6 +1,12 @@
 """The engine core: requests and sessions in, one scheduled model step at a time, deltas out.
 
 Not thread-safe: ``EngineLoop`` drives it from one thread and funnels every call through it.
+
+Each step's sampled tokens are appended and checked for stop ids and length at once (the next
+step's schedule depends on them); turning them into text and emitting the deltas is output work.
+With ``overlap_outputs`` (on CUDA) a step's output work runs after the next step's model launch,
+while the GPU computes. A stop *string* found then ends its sequence one step late: the token the
+sequence computed meanwhile is dropped.
 """
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import itertools
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, List, Optional
+from typing import Callable, Deque, Dict, List, NamedTuple, Optional
 
 from ..config import EngineConfig
 from .block_manager import BlockManager
@@ -62,6 +68,14 @@ class EngineStats:
         return dict(self.__dict__)
 
 
+class _Unsent(NamedTuple):
+    """A token appended to its sequence whose text and delta are still to go out."""
+    seq: Sequence
+    token_id: int
+    logprobs: Optional[dict]
+    finish_reason: Optional[str]  # "stop" (a stop id) or "length": the turn ends with this token
+
+
 @dataclass
 class _Session:
     seq: Sequence
@@ -77,16 +91,22 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_batch_size,
                                    max(config.max_prefill_token_num, config.max_batch_size),
-                                   evict_idle_session=self._evict_idle_session)
+                                   evict_idle_session=self._evict_idle_session,
+                                   blocks_pending_release=lambda: any(u.finish_reason for u in self._unsent))
         self.sampler = Sampler()
         self.sessions: Dict[int, _Session] = {}
         self.stats = EngineStats(num_blocks=self.runner.num_blocks)
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
+        self._unsent: List[_Unsent] = []
+        # On CPU the model step is synchronous: overlapping would only delay every delta by a step.
+        self.overlap_outputs = self.runner.device.type == "cuda"
 
     # -- requests -----------------------------------------------------------------------------
 
     def add_request(self, req: Request) -> None:
+        # No flush needed: a turn whose last token is unsent still counts as running, so a new
+        # turn of its session waits in ``pending`` until _finish starts it.
         self.stats.num_requests += 1
         req.emit = _guarded(req.emit)
         session = self.sessions.get(req.session_id)
@@ -146,6 +166,7 @@ class LLMEngine:
 
     def stop_session(self, session_id: int) -> None:
         """Cancel the running turn of a session (finish_reason 'abort'); its KV is kept."""
+        self.flush_outputs()
         session = self.sessions.get(session_id)
         if session is None:
             return
@@ -165,7 +186,9 @@ class LLMEngine:
 
     def abort_all(self, error: str) -> None:
         """Fail every queued and running request and drop all KV: the bookkeeping may be inconsistent."""
-        seqs = list(self.scheduler.running) + list(self.scheduler.waiting)
+        unsent = [u.seq for u in self._unsent]
+        self._unsent.clear()
+        seqs = list({id(s): s for s in self.scheduler.running + list(self.scheduler.waiting) + unsent}.values())
         self.scheduler.running.clear()
         self.scheduler.waiting.clear()
         for seq in seqs:
@@ -180,7 +203,7 @@ class LLMEngine:
         self.scheduler.block_manager = self.block_manager
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._unsent)
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -190,24 +213,34 @@ class LLMEngine:
             self._finish(seq, "error", "the request needs more KV blocks than the cache has free")
         self.scheduler.unschedulable.clear()
         if batch is None:
-            return
+            return self.flush_outputs()
         try:
             logits = self.runner.run(batch)
+            self._account(batch)
             rows = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
+            if self.overlap_outputs:
+                self.flush_outputs()  # while the device computes; a stop string may end rows' turns
+                still = [i for i, s in enumerate(rows) if s.status is SequenceStatus.RUNNING]
+                if len(still) < len(rows):
+                    logits, rows = logits[still], [rows[i] for i in still]
             sampled = self.sampler(logits, rows) if rows else None
         except Exception as exc:  # a failed step fails its requests, never the engine
             logger.exception("model step failed")
+            self.flush_outputs()
             for seq in batch.seqs:
-                self.scheduler.remove(seq)
-                self._finish(seq, "error", f"{type(exc).__name__}: {exc}")
+                if seq.status is SequenceStatus.RUNNING:
+                    self.scheduler.remove(seq)
+                    self._finish(seq, "error", f"{type(exc).__name__}: {exc}")
             return
-        self._account(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(seq)
+            if seq.status is SequenceStatus.RUNNING:  # not ended by a stop string meanwhile
+                seq.num_computed_tokens += n
+                self.block_manager.cache_full_blocks(seq)
         if sampled is not None:
             for seq, token_id, logprobs in zip(rows, sampled.token_ids, sampled.logprobs):
                 self._append_token(seq, token_id, logprobs)
+        if not self.overlap_outputs:
+            self.flush_outputs()
 
     def _account(self, batch: ScheduledBatch) -> None:
         st = self.stats
@@ -221,10 +254,28 @@ class LLMEngine:
         st.num_prefix_hit_tokens = self.block_manager.num_prefix_hits * self.block_manager.block_size
 
     def _append_token(self, seq: Sequence, token_id: int, logprobs: Optional[dict]) -> None:
+        """What the next schedule needs: the token in the sequence, and whether the turn ends here."""
         params = seq.params
         seq.token_ids.append(token_id)  # in the sequence (and so in a kept session's KV) even when not emitted
         seq.num_output_tokens += 1
+        finish_reason = None
         if token_id in params.stop_token_ids:
+            finish_reason = "stop"
+        elif seq.num_output_tokens >= params.max_new_tokens:
+            finish_reason = "length"
+        if finish_reason:
+            self.scheduler.remove(seq)  # runs no more; _finish completes the turn once its text is out
+        self._unsent.append(_Unsent(seq, token_id, logprobs, finish_reason))
+
+    def flush_outputs(self) -> None:
+        """Text and deltas of the tokens appended so far; ends the turns they finish."""
+        unsent, self._unsent = self._unsent, []
+        for item in unsent:
+            self._send(*item)
+
+    def _send(self, seq: Sequence, token_id: int, logprobs: Optional[dict], finish_reason: Optional[str]) -> None:
+        params = seq.params
+        if finish_reason == "stop":  # a stop id: it ends the text rather than adding to it
             text, ids = seq.detokenizer.finish(), []
             if params.include_stop_str_in_output:
                 text += self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -237,7 +288,7 @@ class LLMEngine:
         lp = [logprobs] if logprobs is not None else None
         if hit_stop:
             return self._finish(seq, "stop", text=text, token_ids=[token_id], logprobs=lp)
-        if seq.num_output_tokens >= params.max_new_tokens:
+        if finish_reason == "length":
             return self._finish(seq, "length", text=text + seq.detokenizer.finish(), token_ids=[token_id],
                                 logprobs=lp)
         seq.emit(RequestOutput(text, [token_id], seq.num_history_tokens, seq.num_input_tokens,
@@ -274,6 +325,7 @@ class LLMEngine:
         return True
 
     def snapshot_stats(self) -> dict:
+        self.flush_outputs()
         self.stats.num_free_blocks = self.block_manager.num_free_blocks
         return self.stats.as_dict()
 

@@ -29,11 +29,14 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_batch_size: int, max_num_batched_tokens: int,
-                 evict_idle_session: Callable[[], bool] = lambda: False):
+                 evict_idle_session: Callable[[], bool] = lambda: False,
+                 blocks_pending_release: Callable[[], bool] = lambda: False):
         self.block_manager = block_manager
         self.max_batch_size = max_batch_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.evict_idle_session = evict_idle_session
+        # Turns that have ended but not yet given their blocks back (the engine's unsent outputs).
+        self.blocks_pending_release = blocks_pending_release
         self.waiting: Deque[Sequence] = deque()
         self.running: List[Sequence] = []
         self.num_preemptions = 0
@@ -87,7 +90,7 @@ class Scheduler:
                     self.block_manager.free(seq)
                 if self.evict_idle_session():
                     continue
-                if not self.running and not scheduled:
+                if not self.running and not scheduled and not self.blocks_pending_release():
                     self.waiting.popleft()
                     self.unschedulable.append(seq)
                     continue
