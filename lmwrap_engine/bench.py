@@ -162,6 +162,10 @@ def run_transformers(model, workload, batch_size: int) -> Tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
+def _graph_runs(runner) -> int:
+    return runner.decode_graphs.num_runs if runner.decode_graphs is not None else 0
+
+
 def _synchronize(device) -> None:
     import torch
     if torch.device(device).type == "cuda":
@@ -207,8 +211,14 @@ def throughput(args) -> None:
     print(f"workload: {len(workload)} requests ({lengths}), {num_in} prompt tokens, "
           f"{sum(o for _, o in workload)} output tokens, EOS ignored; dtype {dtype}, device {device}")
     run_engine(pipe, workload[:2])  # warm-up
+    before, graph_runs = pipe.stats(), _graph_runs(runner)
     secs, toks = run_engine(pipe, workload)
     print(f"lmwrap       : {secs:8.2f} s  {toks / secs:9.1f} output tok/s  {(toks + num_in) / secs:9.1f} total tok/s")
+    after = pipe.stats()
+    steps = after["num_steps"] - before["num_steps"]
+    print(f"engine steps : {steps} ({_graph_runs(runner) - graph_runs} replayed from CUDA graphs), "
+          f"{secs / max(steps, 1) * 1e3:.2f} ms/step, "
+          f"{after['num_preemptions'] - before['num_preemptions']} preemptions")
     pipe.close()
     del pipe, runner  # the engine's weights and KV cache go before transformers loads its copy
     _free_device_memory(device)

@@ -212,6 +212,12 @@ def test_bench_throughput_random_weights_sharegpt_like_runs_both_sides(tmp_path)
     assert workload, out
     assert 6 * 4 <= int(workload.group(1)) <= 6 * 48 and 6 * 4 <= int(workload.group(2)) <= 6 * 12
     assert re.search(r"^lmwrap       : +[\d.]+ s +[\d.]+ output tok/s +[\d.]+ total tok/s$", out, re.M), out
+    steps = re.search(r"^engine steps : (\d+) \(0 replayed from CUDA graphs\), [\d.]+ ms/step, 0 preemptions$",
+                      out, re.M)
+    assert steps, out
+    # Every request is in flight at once: at least one step per token of the longest output, at
+    # most one per output token plus a prefill step per request.
+    assert int(workload.group(2)) / 6 <= int(steps.group(1)) <= int(workload.group(2)) + 6
     assert re.search(r"^transformers : +[\d.]+ s +[\d.]+ output tok/s +\(first 2 of 6 requests, "
                      r"padded batches of 2\)$", out, re.M), out
     assert re.search(r"^ratio        : +[\d.]+x output tok/s$", out, re.M), out
