@@ -13,7 +13,7 @@ case "${1:-}" in
 esac
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export LMWRAP_CACHE="${LMWRAP_CACHE:-$OUT/cache}"
 PY=${PYTHON:-python3}
 LMWRAP="$PY -m lmwrap_engine.cli"
@@ -33,7 +33,10 @@ tail -n 1 "$OUT/env.log"
 
 case "${1:-}" in
     tests)
-        step gpu_tests $PY -m pytest -q -x -m gpu tests/test_kernels.py tests/test_cuda_engine.py ;;
+        # Compiling ~200 Triton kernel variants one after another would take most of the 10 minutes:
+        # eight xdist workers (the device image has pytest-xdist and pytest-timeout) compile in parallel.
+        step gpu_tests $PY -m pytest -q -m gpu -n 8 --timeout 300 --maxfail 10 \
+            tests/test_kernels.py tests/test_cuda_engine.py ;;
     kernels)
         step bench_kernels $LMWRAP bench kernels --sweep
         step bench_kernels_bs16 $LMWRAP bench kernels --block-size 16
