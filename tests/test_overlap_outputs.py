@@ -132,3 +132,24 @@ def test_preemption_matches_the_step_by_step_order(model_dir):
             assert_all_blocks_free(pipe)
     assert results[1] == results[0]
     assert all(deltas[-1][2] == "length" for deltas in results[1])
+
+
+def test_a_bug_while_sending_fails_every_turn_in_flight_and_the_engine_recovers(pipes):
+    _, overlapped = pipes
+    engine = overlapped.async_engine.engine
+    real = engine._send
+
+    def broken(seq, token_id, logprobs, finish_reason):
+        if finish_reason == "length":  # the turn's last token: its sequence has left the scheduler
+            raise AssertionError("detokenizer broke")
+        return real(seq, token_id, logprobs, finish_reason)
+
+    engine._send = broken
+    try:
+        results = stream(overlapped, PROMPTS[:2], [GenerationConfig(max_new_tokens=n, ignore_eos=True)
+                                                   for n in (2, 30)])
+    finally:
+        del engine._send
+    assert [deltas[-1][2] for deltas in results] == ["error", "error"]
+    assert stream(overlapped, PROMPTS[:1], [GenerationConfig(max_new_tokens=3, ignore_eos=True)])[0][-1][2] == "length"
+    assert_all_blocks_free(overlapped)

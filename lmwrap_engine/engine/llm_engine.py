@@ -98,7 +98,7 @@ class LLMEngine:
         self.stats = EngineStats(num_blocks=self.runner.num_blocks)
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
-        self._unsent: List[_Unsent] = []
+        self._unsent: Deque[_Unsent] = deque()
         # On CPU the model step is synchronous: overlapping would only delay every delta by a step.
         self.overlap_outputs = self.runner.device.type == "cuda"
 
@@ -213,7 +213,8 @@ class LLMEngine:
             self._finish(seq, "error", "the request needs more KV blocks than the cache has free")
         self.scheduler.unschedulable.clear()
         if batch is None:
-            return self.flush_outputs()
+            self.flush_outputs()
+            return
         try:
             logits = self.runner.run(batch)
             self._account(batch)
@@ -269,9 +270,9 @@ class LLMEngine:
 
     def flush_outputs(self) -> None:
         """Text and deltas of the tokens appended so far; ends the turns they finish."""
-        unsent, self._unsent = self._unsent, []
-        for item in unsent:
-            self._send(*item)
+        while self._unsent:
+            self._send(*self._unsent[0])
+            self._unsent.popleft()  # only once sent: if sending raises, abort_all still sees the sequence
 
     def _send(self, seq: Sequence, token_id: int, logprobs: Optional[dict], finish_reason: Optional[str]) -> None:
         params = seq.params
