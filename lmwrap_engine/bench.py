@@ -108,7 +108,7 @@ def _plain_vocab(tokenizer) -> List[int]:
 
 def run_engine(pipe, workload) -> Tuple[float, int]:
     from .config import GenerationConfig
-    engine = pipe.async_engine
+    engine = pipe
     done: "queue.SimpleQueue" = queue.SimpleQueue()
     start = time.perf_counter()
     for ids, out_len in workload:
@@ -162,8 +162,6 @@ def run_transformers(model, workload, batch_size: int) -> Tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
-def _graph_runs(runner) -> int:
-    return runner.decode_graphs.num_runs if runner.decode_graphs is not None else 0
 
 
 def _synchronize(device) -> None:
@@ -196,8 +194,7 @@ def throughput(args) -> None:
         raise SystemExit(f"lmwrap bench throughput: --hf-num-requests must be >= 1, got {args.hf_num_requests}")
     input_len, output_len = _length_bounds(args)
     pipe = _open_pipeline(args)
-    runner = pipe.async_engine.engine.runner
-    device, dtype, model_dir = runner.device, runner.dtype, pipe.async_engine.model_dir
+    device, dtype, model_dir = pipe.device, pipe.dtype, pipe.model_dir
     workload = make_workload(_plain_vocab(pipe.tokenizer), args.num_requests, input_len, output_len, args.seed,
                              args.dataset)
     num_in = sum(len(ids) for ids, _ in workload)
@@ -211,16 +208,16 @@ def throughput(args) -> None:
     print(f"workload: {len(workload)} requests ({lengths}), {num_in} prompt tokens, "
           f"{sum(o for _, o in workload)} output tokens, EOS ignored; dtype {dtype}, device {device}")
     run_engine(pipe, workload[:2])  # warm-up
-    before, graph_runs = pipe.stats(), _graph_runs(runner)
+    before = pipe.stats()
     secs, toks = run_engine(pipe, workload)
     print(f"lmwrap       : {secs:8.2f} s  {toks / secs:9.1f} output tok/s  {(toks + num_in) / secs:9.1f} total tok/s")
     after = pipe.stats()
     steps = after["num_steps"] - before["num_steps"]
-    print(f"engine steps : {steps} ({_graph_runs(runner) - graph_runs} replayed from CUDA graphs), "
+    print(f"engine steps : {steps} ({after['num_graph_replays'] - before['num_graph_replays']} replayed from CUDA graphs), "
           f"{secs / max(steps, 1) * 1e3:.2f} ms/step, "
           f"{after['num_preemptions'] - before['num_preemptions']} preemptions")
     pipe.close()
-    del pipe, runner  # the engine's weights and KV cache go before transformers loads its copy
+    del pipe  # the engine's weights and KV cache go before transformers loads its copy
     _free_device_memory(device)
     if args.no_hf:
         return
@@ -248,27 +245,26 @@ def latency(args) -> None:
     from .config import GenerationConfig
     pipe = _open_pipeline(argparse.Namespace(model=args.model, dtype=args.dtype, max_batch_size=8,
                                              max_prefill_token_num=4096))
-    runner = pipe.async_engine.engine.runner
     ids = make_workload(_plain_vocab(pipe.tokenizer), 1, (args.input_len, args.input_len), (1, 1), 0)[0][0]
     gen = GenerationConfig(max_new_tokens=args.output_len, ignore_eos=True)
-    list(pipe.generate(input_ids=ids, gen_config=GenerationConfig(max_new_tokens=4, ignore_eos=True)))
+    list(pipe.stream_generate(input_ids=ids, gen_config=GenerationConfig(max_new_tokens=4, ignore_eos=True)))
     ttfts, rates = [], []
     for _ in range(args.runs):
         start = time.perf_counter()
         first = None
-        for delta in pipe.generate(input_ids=ids, gen_config=gen):
+        for delta in pipe.stream_generate(input_ids=ids, gen_config=gen):
             if first is None:
                 first = time.perf_counter()
         end = time.perf_counter()
         ttfts.append(first - start)
         rates.append((args.output_len - 1) / (end - first))
-    print(f"batch 1, {args.input_len}-token prompt, {args.output_len} new tokens, dtype {runner.dtype}, "
-          f"device {runner.device}, median of {args.runs}")
+    print(f"batch 1, {args.input_len}-token prompt, {args.output_len} new tokens, dtype {pipe.dtype}, "
+          f"device {pipe.device}, median of {args.runs}")
     print(f"lmwrap       : time to first token {statistics.median(ttfts) * 1e3:7.1f} ms   "
           f"decode {statistics.median(rates):7.1f} tok/s")
-    device, dtype, model_dir = runner.device, runner.dtype, pipe.async_engine.model_dir
+    device, dtype, model_dir = pipe.device, pipe.dtype, pipe.model_dir
     pipe.close()
-    del pipe, runner
+    del pipe
     _free_device_memory(device)
     if args.no_hf:
         return

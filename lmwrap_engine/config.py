@@ -123,7 +123,10 @@ class EngineConfig:
     device_type: str = "auto"
     eager_mode: bool = False
     download_dir: Optional[str] = None
+    revision: Optional[str] = None
     load_format: str = "auto"  # "dummy": random weights of the folder's config (benchmarks), no weight files read
+    max_sessions: int = 1024                       # kept (idle) sessions; past it the longest idle is ended
+    session_idle_timeout: Optional[float] = None   # seconds an idle kept session lives; None: no limit
 
     def __post_init__(self):
         _check(self.load_format in ("auto", "dummy"), "load_format",
@@ -140,11 +143,21 @@ class EngineConfig:
         _check(self.quant_policy in (0, 8), "quant_policy", f"must be 0 or 8 (int8 KV), got {self.quant_policy}")
         if self.session_len is not None:
             _check(self.session_len >= 1, "session_len", f"must be >= 1, got {self.session_len}")
+        _check(_is_int(self.max_sessions) and self.max_sessions >= 0, "max_sessions",
+               f"must be an int >= 0, got {self.max_sessions!r}")
+        if self.session_idle_timeout is not None:
+            _check(_is_number(self.session_idle_timeout) and self.session_idle_timeout > 0, "session_idle_timeout",
+                   f"must be a number of seconds > 0 or None, got {self.session_idle_timeout!r}")
 
 
 @dataclass
 class PytorchEngineConfig:
-    """lmdeploy's PyTorch-engine config; selects lmwrap's engine. ``device_type='auto'`` picks CUDA when present."""
+    """lmdeploy's PyTorch-engine config; selects lmwrap's engine. ``device_type='auto'`` picks CUDA when present.
+
+    A field set to a value the engine does not honour raises when the engine is built. The engine
+    is always thread-safe, so ``thread_safe`` may be either. Added by lmwrap: ``max_sessions`` and
+    ``session_idle_timeout`` bound the sessions kept between turns (the longest idle is ended first).
+    """
 
     dtype: str = "auto"
     tp: int = 1
@@ -165,21 +178,29 @@ class PytorchEngineConfig:
     download_dir: Optional[str] = None
     revision: Optional[str] = None
     quant_policy: int = 0
+    max_sessions: int = 1024
+    session_idle_timeout: Optional[float] = None
 
     def to_engine_config(self) -> EngineConfig:
-        _reject_unsupported(self, tp=1, adapters=None, custom_module_map=None)
+        _reject_unsupported(self, tp=1, adapters=None, custom_module_map=None, prefill_interval=16,
+                            num_cpu_blocks=0)
         return EngineConfig(dtype=self.dtype, session_len=self.session_len,
                             max_batch_size=self.max_batch_size or 128,
                             cache_max_entry_count=self.cache_max_entry_count, block_size=self.block_size,
                             num_gpu_blocks=self.num_gpu_blocks, max_prefill_token_num=self.max_prefill_token_num,
                             enable_prefix_caching=self.enable_prefix_caching, quant_policy=self.quant_policy,
                             device_type=self.device_type, eager_mode=self.eager_mode,
-                            download_dir=self.download_dir)
+                            download_dir=self.download_dir, revision=self.revision,
+                            max_sessions=self.max_sessions, session_idle_timeout=self.session_idle_timeout)
 
 
 @dataclass
 class TurbomindEngineConfig:
-    """lmdeploy's TurboMind config; selects the same lmwrap engine (``cache_block_seq_len`` is the block size)."""
+    """lmdeploy's TurboMind config; selects the same lmwrap engine (``cache_block_seq_len`` is the block size).
+
+    A field set to a value the engine does not honour raises when the engine is built. Added by
+    lmwrap: ``max_sessions``, ``session_idle_timeout``, ``eager_mode`` (as ``PytorchEngineConfig``'s).
+    """
 
     dtype: str = "auto"
     model_format: Optional[str] = None
@@ -200,9 +221,13 @@ class TurbomindEngineConfig:
     max_prefill_iters: int = 1
     num_gpu_blocks: int = 0
     device_type: str = "auto"
+    eager_mode: bool = False
+    max_sessions: int = 1024
+    session_idle_timeout: Optional[float] = None
 
     def to_engine_config(self) -> EngineConfig:
-        _reject_unsupported(self, tp=1, rope_scaling_factor=0.0, use_logn_attn=False)
+        _reject_unsupported(self, tp=1, rope_scaling_factor=0.0, use_logn_attn=False, cache_chunk_size=-1,
+                            num_tokens_per_iter=0, max_prefill_iters=1)
         if self.model_format not in (None, "hf", "gguf"):
             raise NotImplementedError(f"TurbomindEngineConfig.model_format={self.model_format!r} is not supported "
                                       "(use None, 'hf' or 'gguf')")
@@ -210,7 +235,9 @@ class TurbomindEngineConfig:
                             cache_max_entry_count=self.cache_max_entry_count, block_size=self.cache_block_seq_len,
                             num_gpu_blocks=self.num_gpu_blocks, max_prefill_token_num=self.max_prefill_token_num,
                             enable_prefix_caching=self.enable_prefix_caching, quant_policy=self.quant_policy,
-                            device_type=self.device_type, download_dir=self.download_dir)
+                            device_type=self.device_type, eager_mode=self.eager_mode,
+                            download_dir=self.download_dir, revision=self.revision,
+                            max_sessions=self.max_sessions, session_idle_timeout=self.session_idle_timeout)
 
 
 def _reject_unsupported(config, **defaults) -> None:

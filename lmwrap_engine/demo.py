@@ -11,9 +11,8 @@ def main(model_path=None) -> None:
     t0 = time.perf_counter()
     print("Loading the model (the first run converts the default GGUF once, then it is cached) ...", flush=True)
     with pipeline(model_path) as pipe:
-        runner = pipe.async_engine.engine.runner
-        print(f"ready in {time.perf_counter() - t0:.1f} s: {pipe.async_engine.model_dir} "
-              f"({runner.dtype}, {runner.device}, {runner.num_blocks} KV blocks of {runner.block_size})\n")
+        print(f"ready in {time.perf_counter() - t0:.1f} s: {pipe.model_dir} "
+              f"({pipe.dtype}, {pipe.device}, {pipe.num_blocks} KV blocks of {pipe.block_size})\n")
 
         greedy = GenerationConfig(max_new_tokens=64)
         prompts = ["What is the capital of France?", "Say this is a test.", "Name a primary color."]

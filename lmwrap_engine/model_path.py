@@ -31,7 +31,8 @@ def default_gguf_path() -> str:
         f"HF folder or .gguf file")
 
 
-def resolve_model_path(model_path: str | os.PathLike | None = None, download_dir: str | None = None) -> str:
+def resolve_model_path(model_path: str | os.PathLike | None = None, download_dir: str | None = None,
+                       revision: str | None = None) -> str:
     """Return a local HF-format folder (``config.json``, safetensors, tokenizer files) for ``model_path``.
 
     - ``None`` or an alias of the default model (``"SmolLM2-135M-Instruct"``, ``"smollm2"``,
@@ -40,7 +41,7 @@ def resolve_model_path(model_path: str | os.PathLike | None = None, download_dir
     - a folder with ``config.json``: that folder.
     - a ``.gguf`` file: the folder it is converted to (cached).
     - a hub id ``"org/name"``: its snapshot if already in the local HF cache (``HF_HUB_CACHE`` / ``HF_HOME``)
-      or in ``download_dir``; nothing is ever downloaded.
+      or in ``download_dir``, at ``revision`` (a branch, tag or commit) when given; nothing is ever downloaded.
 
     Anything else raises ``ModelNotFoundError`` saying what was looked for and what to pass instead.
     """
@@ -64,11 +65,12 @@ def resolve_model_path(model_path: str | os.PathLike | None = None, download_dir
         raise ModelNotFoundError(f"{local} is a file but not a GGUF model; {_WHAT_TO_PASS}")
     if HUB_ID.fullmatch(name):
         searched = []
-        snapshot = _local_snapshot(name, download_dir, searched)
+        snapshot = _local_snapshot(name, download_dir, searched, revision)
         if snapshot:
             return snapshot
         raise ModelNotFoundError(
-            f"{name!r} is not a local file or folder, and hub model {name} is not downloaded (looked in "
+            f"{name!r} is not a local file or folder, and hub model {name}"
+            f"{f' at revision {revision!r}' if revision else ''} is not downloaded (looked in "
             f"{', '.join(searched)}); lmwrap never downloads at run time: download it beforehand "
             f"(e.g. `hf download {name}` where there is network), or {_WHAT_TO_PASS}")
     raise ModelNotFoundError(f"no such file or folder: {local}; {_WHAT_TO_PASS}")
@@ -103,7 +105,7 @@ def _hf_hub_cache() -> str:
     return os.path.join(hf_home, "hub")
 
 
-def _local_snapshot(repo_id: str, download_dir: str | None, searched: list) -> str | None:
+def _local_snapshot(repo_id: str, download_dir: str | None, searched: list, revision: str | None = None) -> str | None:
     """The folder of ``repo_id`` already on disk, or None; every place looked in is appended to ``searched``."""
     from huggingface_hub import snapshot_download
 
@@ -111,6 +113,7 @@ def _local_snapshot(repo_id: str, download_dir: str | None, searched: list) -> s
     if download_dir:
         download_dir = os.path.abspath(os.path.expanduser(download_dir))
         cache_dirs.append(download_dir)
+    if download_dir and revision is None:  # a plain folder has no revisions
         plain = os.path.join(download_dir, repo_id)
         searched.append(plain)
         if os.path.isfile(os.path.join(plain, "config.json")):
@@ -118,7 +121,7 @@ def _local_snapshot(repo_id: str, download_dir: str | None, searched: list) -> s
     for cache_dir in cache_dirs:
         searched.append(f"the HF cache {cache_dir}")
         try:
-            snapshot = snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True)
+            snapshot = snapshot_download(repo_id, cache_dir=cache_dir, revision=revision, local_files_only=True)
         except (OSError, ValueError):  # not cached, or not a valid repo id
             continue
         if os.path.isfile(os.path.join(snapshot, "config.json")):

@@ -30,7 +30,7 @@ async def collect(engine, *args, **kwargs):
 def wait_until_all_blocks_free(engine, timeout=10.0):
     deadline = time.monotonic() + timeout
     while True:
-        assert engine.loop._thread.is_alive(), "the engine thread died"  # else stats() would wait forever
+        assert engine._loop._thread.is_alive(), "the engine thread died"  # else stats() would wait forever
         stats = engine.stats()
         if stats["num_free_blocks"] == stats["num_blocks"] or time.monotonic() > deadline:
             assert stats["num_free_blocks"] == stats["num_blocks"], stats
@@ -187,7 +187,7 @@ def test_dropping_the_generator_after_its_last_delta_does_not_abort_the_next_tur
 
 
 def test_bad_requests_fail_alone(engine):
-    vocab = engine.engine.runner.args.vocab_size
+    vocab = engine.vocab_size
     with pytest.raises(ValueError, match="input_ids"):
         run(collect(engine, None, 701, GREEDY, input_ids=[1, vocab + 5]))
     with pytest.raises(TypeError, match="GenerationConfig"):

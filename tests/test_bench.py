@@ -73,7 +73,7 @@ def test_dummy_model_opens_and_generates_through_the_pipeline(tmp_path):
         out = pipe(["t5 t6 hello"], gen_config=GenerationConfig(max_new_tokens=8, ignore_eos=True))[0]
         assert out.generate_token_len == 8 and out.finish_reason == "length"
         assert out.text  # every generated id decodes
-        weights = dict(pipe.async_engine.engine.runner.model.named_parameters())
+        weights = dict(pipe._loop.engine.runner.model.named_parameters())
         assert all(torch.isfinite(p).all() for p in weights.values())
 
 
@@ -86,10 +86,10 @@ def test_a_closed_engine_lets_go_of_its_weights_before_transformers_loads(tmp_pa
     monkeypatch.setenv("LMWRAP_CACHE", str(tmp_path))
     pipe = _open_pipeline(argparse.Namespace(model=None, random_weights="tiny-llama", dtype="float32",
                                              max_batch_size=4, max_prefill_token_num=256))
-    assert pipe.async_engine.model_dir == os.path.join(str(tmp_path), "dummy", "tiny-llama")
-    runner = pipe.async_engine.engine.runner
+    assert pipe.model_dir == os.path.join(str(tmp_path), "dummy", "tiny-llama")
+    runner = pipe._loop.engine.runner
     model, k_cache = weakref.ref(runner.model), weakref.ref(runner.k_cache)
-    list(pipe.generate(input_ids=[5, 6, 7], gen_config=GenerationConfig(max_new_tokens=2, ignore_eos=True)))
+    list(pipe.stream_generate(input_ids=[5, 6, 7], gen_config=GenerationConfig(max_new_tokens=2, ignore_eos=True)))
     pipe.close()
     del pipe, runner
     gc.collect()

@@ -3,8 +3,8 @@ from lmwrap_engine.engine.block_manager import BlockManager
 from lmwrap_engine.engine.sequence import Sequence
 
 
-def seq_of(tokens, seq_id=0, block_size=4):
-    s = Sequence(seq_id, seq_id, block_size)
+def seq_of(tokens, seq_id=0):
+    s = Sequence(seq_id, seq_id)
     s.token_ids = list(tokens)
     return s
 
@@ -71,7 +71,7 @@ def test_prefix_hits_share_blocks_and_leave_one_token():
     c = seq_of([1, 2, 3, 4, 5, 6, 7, 8], 2)
     assert bm.match_prefix(c) == 4
     assert c.block_table == [0]
-    assert bm.num_prefix_hits == 3
+    assert c.block_hashes == a.block_hashes[:1]
     # a different first block means no hit at all, even if the second block is equal (chained hash)
     d = seq_of([9, 9, 9, 9, 5, 6, 7, 8, 1], 3)
     assert bm.match_prefix(d) == 0
@@ -136,3 +136,23 @@ def test_shared_partial_block_is_not_kept_on_truncate():
     assert b.block_table == [0]
     assert b.num_computed_tokens == 4
     assert refs(bm)[:2] == [2, 1]
+
+
+def test_each_block_is_hashed_once_when_it_fills(monkeypatch):
+    import lmwrap_engine.engine.block_manager as bm_module
+    calls = []
+    real = bm_module.chain_hash
+    monkeypatch.setattr(bm_module, "chain_hash", lambda parent, tokens: calls.append(tuple(tokens)) or real(parent, tokens))
+    bm = BlockManager(16, 4, enable_prefix_caching=True)
+    # Two equal prompts admitted together: the second one's blocks duplicate cached ones and stay unhashed.
+    a, b = seq_of(range(1, 10)), seq_of(range(1, 10), 1)
+    for s in (a, b):
+        compute(bm, s, 9)
+    for t in range(10, 20):  # ten decode steps
+        for s in (a, b):
+            s.token_ids.append(t)
+            compute(bm, s, 1)
+    expected = [(1, 2, 3, 4), (5, 6, 7, 8), (9, 10, 11, 12), (13, 14, 15, 16)]
+    assert sorted(calls) == sorted(expected * 2)
+    assert a.block_hashes == b.block_hashes and len(a.block_hashes) == 4
+    assert [bm.blocks[i].hash is None for i in b.block_table[:4]] == [True] * 4

@@ -3,7 +3,7 @@ from lmwrap_engine import GenerationConfig, PytorchEngineConfig, pipeline
 
 
 def session_text(pipe, session):
-    seq = pipe.async_engine.engine.sessions[session._id].seq
+    seq = pipe._loop.engine.sessions[session._id].seq
     return pipe.tokenizer.decode(seq.token_ids, skip_special_tokens=False)
 
 

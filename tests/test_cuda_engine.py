@@ -48,7 +48,7 @@ def test_greedy_parity_with_transformers(arch, overrides, dtype, eager, tiny_mod
     cfg = PytorchEngineConfig(dtype=dtype, eager_mode=eager, num_gpu_blocks=256, block_size=16, max_batch_size=16)
     configs = [GenerationConfig(max_new_tokens=n, ignore_eos=True) for n in OUTPUT_LENS]
     with pipeline(path, cfg) as pipe:
-        runner = pipe.async_engine.engine.runner
+        runner = pipe._loop.engine.runner
         assert runner.device.type == "cuda" and runner.dtype == getattr(torch, dtype)
         results = pipe(PROMPTS, gen_config=configs, do_preprocess=False)
         if eager:

@@ -25,15 +25,15 @@ def test_batch_size_ladder(max_batch, expected):
 
 
 def attach_buffers(pipe, max_batch_size, max_blocks_per_seq=64):
-    runner = pipe.async_engine.engine.runner
-    runner.decode_graphs = DecodeGraphs(runner.model, max_batch_size, max_blocks_per_seq,
+    runner = pipe._loop.engine.runner
+    runner.decode_graphs = DecodeGraphs(runner.model, runner.step_context, max_batch_size, max_blocks_per_seq,
                                         runner.args.hidden_size, runner.dtype, runner.device, capture=False)
     return runner.decode_graphs
 
 
 def test_runner_sizes_graphs_from_its_config(tiny_model_dir):
     with pipeline(tiny_model_dir("llama"), tiny_config(max_batch_size=40, session_len=100, block_size=16)) as pipe:
-        graphs = pipe.async_engine.engine.runner.make_decode_graphs(capture=False)
+        graphs = pipe._loop.engine.runner.make_decode_graphs(capture=False)
         assert graphs.batch_sizes == [1, 2, 4, 8, 16, 32, 40]
         assert graphs.max_blocks_per_seq == 7  # ceil(100 / 16)
 

@@ -16,13 +16,13 @@ def default_pipe():
 def test_greedy_equals_transformers(default_pipe):
     from transformers import AutoModelForCausalLM
 
-    model_dir = default_pipe.async_engine.model_dir
+    model_dir = default_pipe.model_dir
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     gen = GenerationConfig(max_new_tokens=32)
     results = default_pipe(QUESTIONS, gen_config=gen)
-    eos = set(default_pipe.async_engine.eos_token_ids)
+    eos = set(default_pipe.eos_token_ids)
     for question, res in zip(QUESTIONS, results):
-        ids = default_pipe.async_engine.encode_prompt(question, True, True)
+        ids = default_pipe.encode_prompt(question, True, True)
         assert res.input_token_len == len(ids)
         with torch.no_grad():
             out = ref.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,

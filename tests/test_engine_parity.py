@@ -44,17 +44,14 @@ def arch_case(request, tiny_model_dir):
 def run_prefill_logits(runner: ModelRunner, ids, chunks):
     """All-position logits of one sequence, fed to the runner in the given chunk sizes."""
     bm = BlockManager(runner.num_blocks, runner.block_size)
-    seq = Sequence(0, 0, runner.block_size)
+    seq = Sequence(0, 0)
     seq.token_ids = list(ids)
     out = []
     for n in chunks:
         assert bm.allocate_slots(seq, n)
         input_ids, positions, ctx, _ = runner._prepare(ScheduledBatch([seq], [n], int(n == 1)))
-        from lmwrap_engine.engine.context import set_context
-        set_context(ctx)
-        with torch.no_grad():
+        with torch.no_grad(), runner.step_context.use(ctx):
             hidden = runner.model(input_ids, positions)
-        set_context(None)
         out.append(runner.model.compute_logits(hidden))
         seq.num_computed_tokens += n
     return torch.cat(out)
@@ -75,7 +72,7 @@ def _generate(path, prompts_ids, config, tok_prompts=None):
     with pipeline(path, config) as pipe:
         outs = [None] * len(prompts_ids)
         # token-id prompts through the engine, all in flight together
-        gens = [pipe.generate(input_ids=ids, gen_config=GREEDY) for ids in prompts_ids]
+        gens = [pipe.stream_generate(input_ids=ids, gen_config=GREEDY) for ids in prompts_ids]
         # round-robin so every request is submitted before any finishes
         live = [iter(g) for g in gens]
         texts = [[] for _ in gens]
@@ -119,7 +116,7 @@ def test_greedy_prefix_caching(arch_case):
     with pipeline(path, cfg) as pipe:
         for round_ in range(2):
             for ids, exp in zip(prompts_ids, expected):
-                got = [t for d in pipe.generate(input_ids=ids, gen_config=GREEDY) for t in d.token_ids]
+                got = [t for d in pipe.stream_generate(input_ids=ids, gen_config=GREEDY) for t in d.token_ids]
                 assert got == exp, (arch, round_)
         stats = pipe.stats()
     assert stats["num_prefix_hit_tokens"] > 0

@@ -28,7 +28,7 @@ def test_failing_logits_processor_fails_its_step_only(pipe):
 
 
 def test_bug_in_the_step_fails_everything_in_flight_and_the_engine_recovers(pipe):
-    engine = pipe.async_engine.engine
+    engine = pipe._loop.engine
     real = engine.scheduler.schedule
     calls = []
 

@@ -26,12 +26,12 @@ def make_hf_folder(folder: Path, sharded: bool = False) -> Path:
     return folder
 
 
-def make_cached_snapshot(cache: Path, repo_id: str, with_config: bool = True) -> Path:
-    """The layout huggingface_hub leaves on disk after downloading ``repo_id`` into ``cache``."""
+def make_cached_snapshot(cache: Path, repo_id: str, with_config: bool = True, branch: str = "main",
+                         commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+    """The layout huggingface_hub leaves on disk after downloading ``repo_id`` (at ``branch``) into ``cache``."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / branch).write_text(commit)
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
     if with_config:
@@ -161,6 +161,16 @@ def test_hub_id_not_in_cache_gives_clear_error(empty_hf_cache, tmp_path):
 def test_hub_id_in_hf_cache_resolves_to_snapshot(empty_hf_cache):
     snapshot = make_cached_snapshot(empty_hf_cache, "some-org/some-model")
     assert resolve_model_path("some-org/some-model") == str(snapshot)
+
+
+def test_hub_id_revision_picks_that_snapshot(empty_hf_cache):
+    main = make_cached_snapshot(empty_hf_cache, "org/model")
+    v2 = make_cached_snapshot(empty_hf_cache, "org/model", branch="v2", commit="f" * 40)
+    assert resolve_model_path("org/model") == str(main)
+    assert resolve_model_path("org/model", revision="v2") == str(v2)
+    assert resolve_model_path("org/model", revision="f" * 40) == str(v2)
+    with pytest.raises(ModelNotFoundError, match="at revision 'v3'"):
+        resolve_model_path("org/model", revision="v3")
 
 
 def test_hub_cache_found_through_hf_home(tmp_path, monkeypatch):

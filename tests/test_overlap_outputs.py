@@ -1,6 +1,7 @@
 """Output work overlapped with the next step (the CUDA default), checked on CPU: every delta, text,
 finish reason and session state must equal the step-by-step order's, and a turn ended by a stop
 string (known one step late there) computes exactly one extra token, which is dropped."""
+import asyncio
 import queue
 
 import pytest
@@ -14,7 +15,7 @@ SID = 10**9
 
 def open_pipe(model_dir, overlap: bool, **config):
     pipe = pipeline(model_dir, tiny_config(**config))
-    pipe.async_engine.engine.overlap_outputs = overlap  # set before any request reaches the engine thread
+    pipe._loop.engine.overlap_outputs = overlap  # set before any request reaches the engine thread
     return pipe
 
 
@@ -29,7 +30,7 @@ def pipes(model_dir):
 def stream(pipe, prompts, configs):
     """Every delta of every request, per request: (text, token ids, finish reason, output length)."""
     deltas = {i: [] for i in range(len(prompts))}
-    engine = pipe.async_engine
+    engine = pipe
     outbox: "queue.SimpleQueue" = queue.SimpleQueue()
     for i, (ids, cfg) in enumerate(zip(prompts, configs)):
         engine.submit(engine.new_session_id(), ids, engine.sampling_params(cfg, len(ids)),
@@ -74,9 +75,9 @@ def run_session(pipe, stop_word):
     """Three turns; the first one ends on a stop string, the third is queued while the second runs."""
     turns = []
     cfg = GenerationConfig(max_new_tokens=12, ignore_eos=True, stop_words=[stop_word])
-    deltas = list(pipe.generate(session_id=SID, input_ids=PROMPTS[0], gen_config=cfg, sequence_end=False))
+    deltas = list(pipe.stream_generate(session_id=SID, input_ids=PROMPTS[0], gen_config=cfg, sequence_end=False))
     turns.append([(d.text, d.token_ids, d.finish_reason) for d in deltas])
-    engine = pipe.async_engine
+    engine = pipe
     outbox: "queue.SimpleQueue" = queue.SimpleQueue()
     greedy = GenerationConfig(max_new_tokens=6, ignore_eos=True)
     for ids in (PROMPTS[1], PROMPTS[2]):  # back to back: the second waits for the first to finish
@@ -88,14 +89,14 @@ def run_session(pipe, stop_word):
             out = outbox.get(timeout=120)
             turn.append((out.text, out.token_ids, out.finish_reason))
         turns.append(turn)
-    num_tokens = pipe._session_tokens(SID)
-    pipe.end_session(SID)
+    num_tokens = asyncio.run(pipe.session_tokens(SID))
+    pipe.end_session_nowait(SID)
     return turns, num_tokens
 
 
 def test_sessions_match_the_step_by_step_order(pipes):
     plain, overlapped = pipes
-    text = "".join(d.text for d in plain.generate(input_ids=PROMPTS[0],
+    text = "".join(d.text for d in plain.stream_generate(input_ids=PROMPTS[0],
                                                   gen_config=GenerationConfig(max_new_tokens=12, ignore_eos=True)))
     expected = run_session(plain, text[5:8])
     assert expected[0][0][-1][2] == "stop"
@@ -105,19 +106,19 @@ def test_sessions_match_the_step_by_step_order(pipes):
 
 def test_stop_session_mid_stream_then_the_session_goes_on(pipes):
     _, overlapped = pipes
-    deltas = overlapped.generate(session_id=SID + 1, input_ids=PROMPTS[3], sequence_end=False,
+    deltas = overlapped.stream_generate(session_id=SID + 1, input_ids=PROMPTS[3], sequence_end=False,
                                  gen_config=GenerationConfig(max_new_tokens=2000, ignore_eos=True))
     next(deltas)
-    overlapped.stop_session(SID + 1)
+    overlapped.stop_session_nowait(SID + 1)
     rest = list(deltas)
     assert [d.finish_reason for d in rest].count("abort") == 1 and rest[-1].finish_reason == "abort"
     assert all(d.finish_reason is None for d in rest[:-1])
-    held = overlapped._session_tokens(SID + 1)
+    held = asyncio.run(overlapped.session_tokens(SID + 1))
     assert held > len(PROMPTS[3])
-    turn2 = list(overlapped.generate(session_id=SID + 1, input_ids=[7, 8], sequence_start=False, step=held,
+    turn2 = list(overlapped.stream_generate(session_id=SID + 1, input_ids=[7, 8], sequence_start=False, step=held,
                                      gen_config=GenerationConfig(max_new_tokens=3, ignore_eos=True)))
     assert turn2[-1].finish_reason == "length" and sum(len(d.token_ids) for d in turn2) == 3
-    overlapped.end_session(SID + 1)
+    overlapped.end_session_nowait(SID + 1)
     assert_all_blocks_free(overlapped)
 
 
@@ -136,7 +137,7 @@ def test_preemption_matches_the_step_by_step_order(model_dir):
 
 def test_a_bug_while_sending_fails_every_turn_in_flight_and_the_engine_recovers(pipes):
     _, overlapped = pipes
-    engine = overlapped.async_engine.engine
+    engine = overlapped._loop.engine
     real = engine._send
 
     def broken(seq, token_id, logprobs, finish_reason):

@@ -30,7 +30,7 @@ def singles(pipe):
 def test_str_prompt_is_one_user_message(pipe, singles):
     res = singles["hello"]
     assert isinstance(res, Response)
-    ids = pipe.async_engine.encode_prompt([{"role": "user", "content": "hello"}], True, True)
+    ids = pipe.encode_prompt([{"role": "user", "content": "hello"}], True, True)
     assert ids == pipe.tokenizer.apply_chat_template([{"role": "user", "content": "hello"}],
                                                      add_generation_prompt=True, tokenize=True, return_dict=False)
     assert res.input_token_len == len(ids)
@@ -43,7 +43,7 @@ def test_do_preprocess_false_sends_the_raw_text(pipe):
     raw = pipe("hello", gen_config=GREEDY, do_preprocess=False)
     ids = pipe.tokenizer.encode("hello")
     assert raw.input_token_len == len(ids)
-    by_ids = list(pipe.generate(input_ids=ids, gen_config=GREEDY))
+    by_ids = list(pipe.stream_generate(input_ids=ids, gen_config=GREEDY))
     assert raw.token_ids == [t for d in by_ids for t in d.token_ids]
     with pytest.raises(TypeError, match="do_preprocess=False"):
         pipe([{"role": "user", "content": "hello"}], gen_config=GREEDY, do_preprocess=False)
@@ -154,11 +154,11 @@ def test_response_fields(pipe, singles):
 def test_finish_reason_abort(pipe, singles):
     deltas = []
     session_id = 10**9  # far from the ids the pipeline numbers its own requests with
-    for delta in pipe.generate("hello", session_id=session_id,
+    for delta in pipe.stream_generate("hello", session_id=session_id,
                                gen_config=GenerationConfig(max_new_tokens=400, ignore_eos=True)):
         deltas.append(delta)
         if len(deltas) == 2:
-            pipe.stop_session(session_id)
+            pipe.stop_session_nowait(session_id)
     assert deltas[-1].finish_reason == "abort"
     assert 2 <= deltas[-1].generate_token_len < 400
     assert_serves(pipe, singles["hello"])
@@ -178,7 +178,7 @@ def test_breaking_out_of_a_stream_cancels_the_rest(pipe, singles):
 
 def test_close_and_context_manager_stop_the_engine_thread(model_dir):
     pipe = pipeline(model_dir, tiny_config())
-    thread = pipe.async_engine.loop._thread
+    thread = pipe._loop._thread
     assert thread.is_alive()
     pipe.close()
     assert not thread.is_alive()
@@ -187,7 +187,7 @@ def test_close_and_context_manager_stop_the_engine_thread(model_dir):
         pipe("hello", gen_config=GREEDY)
     with pipeline(model_dir, tiny_config()) as pipe:
         assert isinstance(pipe, Pipeline)
-        thread = pipe.async_engine.loop._thread
+        thread = pipe._loop._thread
         assert pipe("hello", gen_config=GREEDY).finish_reason == "length"
     assert not thread.is_alive()
 
@@ -197,13 +197,13 @@ def test_close_and_context_manager_stop_the_engine_thread(model_dir):
 def test_turbomind_config_selects_the_same_engine(model_dir, singles):
     config = TurbomindEngineConfig(dtype="float32", cache_block_seq_len=16, num_gpu_blocks=24)
     with pipeline(model_dir, config) as pipe:
-        engine = pipe.async_engine.engine
+        engine = pipe._loop.engine
         assert engine.config.block_size == 16 and engine.block_manager.block_size == 16
         assert pipe.stats()["num_blocks"] == 24
         assert pipe("hello", gen_config=GREEDY).token_ids == singles["hello"].token_ids
     with pipeline(model_dir, TurbomindEngineConfig(dtype="float32", cache_block_seq_len=32,
                                                    num_gpu_blocks=4)) as pipe:
-        assert pipe.async_engine.engine.block_manager.block_size == 32
+        assert pipe._loop.engine.block_manager.block_size == 32
         assert pipe("hello", gen_config=GREEDY).token_ids == singles["hello"].token_ids
 
 
@@ -237,7 +237,7 @@ def test_session_len_limits_prompt_and_output(model_dir):
         assert pipe.session_len == 32
         ids = pipe.tokenizer.encode("The capital of France is Paris. The capital of Italy is Rome. " * 3)
         assert len(ids) > 32
-        at_limit = list(pipe.generate(input_ids=ids[:32], gen_config=GREEDY))
+        at_limit = list(pipe.stream_generate(input_ids=ids[:32], gen_config=GREEDY))
         assert len(at_limit) == 1
         assert (at_limit[0].finish_reason, at_limit[0].text, at_limit[0].token_ids) == ("length", "", [])
         assert (at_limit[0].generate_token_len, at_limit[0].input_token_len) == (0, 32)
@@ -245,7 +245,7 @@ def test_session_len_limits_prompt_and_output(model_dir):
         assert fill.finish_reason == "length" and fill.input_token_len + fill.generate_token_len == 32
         clipped = pipe("hello", gen_config=GenerationConfig(max_new_tokens=500, ignore_eos=True))
         assert clipped.token_ids == fill.token_ids
-        last_one = list(pipe.generate(input_ids=ids[:31], gen_config=GenerationConfig(max_new_tokens=None,
+        last_one = list(pipe.stream_generate(input_ids=ids[:31], gen_config=GenerationConfig(max_new_tokens=None,
                                                                                         ignore_eos=True)))
         assert last_one[-1].generate_token_len == 1 and last_one[-1].finish_reason == "length"
         assert_all_blocks_free(pipe)
@@ -255,7 +255,7 @@ def test_prompt_larger_than_the_cache_is_an_error_and_the_engine_keeps_serving(m
     with pipeline(model_dir, tiny_config(num_gpu_blocks=4)) as pipe:  # 64 tokens of KV
         big = pipe.tokenizer.encode("hello world, this is a test of a tiny tokenizer for tiny models. " * 6)
         assert len(big) > 64
-        res = list(pipe.generate(input_ids=big, gen_config=GREEDY))
+        res = list(pipe.stream_generate(input_ids=big, gen_config=GREEDY))
         assert len(res) == 1 and res[0].finish_reason == "error"
         assert "blocks" in res[0].text and res[0].generate_token_len == 0
         # together with a normal request, which is not disturbed
@@ -270,17 +270,17 @@ def test_prompt_larger_than_the_cache_is_an_error_and_the_engine_keeps_serving(m
 
 
 def test_bad_input_ids_fail_alone(pipe, singles):
-    vocab = pipe.async_engine.engine.runner.args.vocab_size
+    vocab = pipe._loop.engine.runner.args.vocab_size
     for ids, error in (([1, vocab], ValueError), ([-1], ValueError), ([1, "2"], TypeError), ([1.5], TypeError)):
         with pytest.raises(error):
-            list(pipe.generate(input_ids=ids, gen_config=GREEDY))
+            list(pipe.stream_generate(input_ids=ids, gen_config=GREEDY))
         assert_serves(pipe, singles["hello"])
-    empty = list(pipe.generate(input_ids=[], gen_config=GREEDY))
+    empty = list(pipe.stream_generate(input_ids=[], gen_config=GREEDY))
     assert empty[-1].finish_reason == "error" and "empty" in empty[-1].text
     with pytest.raises(ValueError, match="prompt or input_ids"):
-        list(pipe.generate(gen_config=GREEDY))
+        list(pipe.stream_generate(gen_config=GREEDY))
     assert_serves(pipe, singles["hello"])
-    assert pipe.async_engine.engine.sessions == {}  # rejected requests leave no session behind
+    assert pipe._loop.engine.sessions == {}  # rejected requests leave no session behind
 
 
 # -- the default model ------------------------------------------------------------------------

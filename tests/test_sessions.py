@@ -17,17 +17,17 @@ def prompt_tokens_computed(pipe):
 
 def fresh_ids(pipe, input_ids, gen_config=GREEDY):
     """Output token ids of one new request over ``input_ids``."""
-    return [t for d in pipe.generate(input_ids=input_ids, gen_config=gen_config) for t in d.token_ids]
+    return [t for d in pipe.stream_generate(input_ids=input_ids, gen_config=gen_config) for t in d.token_ids]
 
 
 def turn(pipe, session_id, input_ids, gen_config=GREEDY, **kwargs):
-    deltas = list(pipe.generate(session_id=session_id, input_ids=input_ids, gen_config=gen_config, **kwargs))
+    deltas = list(pipe.stream_generate(session_id=session_id, input_ids=input_ids, gen_config=gen_config, **kwargs))
     return deltas[-1], [t for d in deltas for t in d.token_ids], "".join(d.text for d in deltas)
 
 
 @pytest.fixture
 def encode(pipe):
-    return lambda prompt, start: pipe.async_engine.encode_prompt(prompt, start, True)
+    return lambda prompt, start: pipe.encode_prompt(prompt, start, True)
 
 
 def test_chat_keeps_history_in_kv(pipe, encode):
@@ -43,7 +43,7 @@ def test_chat_keeps_history_in_kv(pipe, encode):
     assert same is session
     assert session.response.finish_reason == "length"
     # turn 1 was cut before its stop word, so turn 2 first closes it
-    ids2 = pipe.async_engine.encode_prompt("What is my name?", False, True, close_turn=True)
+    ids2 = pipe.encode_prompt("What is my name?", False, True, close_turn=True)
     assert ids2[:len(encode("What is my name?", False))] != encode("What is my name?", False)
     # only the new turn is computed (plus turn 1's last sampled token, which had no KV yet)
     assert prompt_tokens_computed(pipe) - before == len(ids2) + 1
@@ -128,7 +128,7 @@ def test_sequence_start_restarts_a_session(pipe):
     turn(pipe, SID + 12, pipe.tokenizer.encode("def add(a, b):"), sequence_end=False)
     last, out, _ = turn(pipe, SID + 12, a, sequence_start=True, sequence_end=False)
     assert out == fresh_ids(pipe, a)  # the old history is gone
-    pipe.end_session(SID + 12)
+    pipe.end_session_nowait(SID + 12)
     assert_all_blocks_free(pipe)
 
 
@@ -160,7 +160,7 @@ def test_idle_sessions_are_evicted_when_the_cache_fills_up(model_dir, encode):
         # the least recently used session lost its KV: its next turn recomputes the history, same answer
         before = prompt_tokens_computed(pipe)
         first = pipe.chat("What is my name?", session=first, gen_config=GREEDY)
-        new = pipe.async_engine.encode_prompt("What is my name?", False, True, close_turn=True)  # turn 1 hit length
+        new = pipe.encode_prompt("What is my name?", False, True, close_turn=True)  # turn 1 hit length
         assert prompt_tokens_computed(pipe) - before == len(history1) + len(new)
         assert first.response.token_ids == fresh_ids(pipe, history1 + new)
         assert second.response.finish_reason == "length"

@@ -41,7 +41,6 @@ class BlockManager:
         # OrderedDict as an ordered set with O(1) removal from the middle (a prefix hit on a free block).
         self.free_queue: "OrderedDict[int, None]" = OrderedDict((i, None) for i in range(num_blocks))
         self.cached_blocks: Dict[int, int] = {}  # chain hash -> block id
-        self.num_prefix_hits = 0  # blocks served from the prefix cache, cumulative
 
     @property
     def num_blocks(self) -> int:
@@ -74,27 +73,23 @@ class BlockManager:
                 break
             self._take(block_id)
             seq.block_table.append(block_id)
+            seq.block_hashes.append(h)
             parent = h
-        self.num_prefix_hits += len(seq.block_table)
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
         return seq.num_computed_tokens
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Register every full, computed block of ``seq`` in the prefix cache (idempotent)."""
+        """Register the blocks of ``seq`` that have filled since the last call in the prefix cache."""
         if not self.enable_prefix_caching:
             return
-        parent = None
-        for i in range(seq.num_computed_tokens // self.block_size):
+        for i in range(len(seq.block_hashes), seq.num_computed_tokens // self.block_size):
+            tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
+            seq.block_hashes.append(h)
             block = self.blocks[seq.block_table[i]]
-            if block.hash is None:
-                tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
-                h = chain_hash(parent, tokens)
-                if h not in self.cached_blocks:
-                    block.hash, block.token_ids = h, tokens
-                    self.cached_blocks[h] = block.block_id
-                parent = h
-            else:
-                parent = block.hash
+            if block.hash is None and h not in self.cached_blocks:
+                block.hash, block.token_ids = h, tokens
+                self.cached_blocks[h] = block.block_id
 
     # -- allocation ---------------------------------------------------------------------------
 
@@ -127,6 +122,7 @@ class BlockManager:
             self.free_queue[block_id] = None
             self.free_queue.move_to_end(block_id, last=False)
         seq.block_table = []
+        seq.block_hashes = []
         seq.num_computed_tokens = 0
 
     def truncate(self, seq: Sequence, num_tokens: int) -> None:
@@ -143,6 +139,7 @@ class BlockManager:
         seq.block_table = seq.block_table[:keep]
         self.free(tail)
         seq.num_computed_tokens = min(seq.num_computed_tokens, num_tokens if partial else keep * self.block_size)
+        del seq.block_hashes[seq.num_computed_tokens // self.block_size:]
         del seq.token_ids[num_tokens:]
 
     # -- internals ----------------------------------------------------------------------------
@@ -165,4 +162,5 @@ class _Detached:
 
     def __init__(self, block_table: List[int]):
         self.block_table = block_table
+        self.block_hashes: List[int] = []
         self.num_computed_tokens = 0

@@ -1,8 +1,9 @@
-"""Per-step metadata shared by every attention layer, set once per forward by the model runner."""
+"""Per-step metadata shared by every attention layer of one model, set once per forward by its runner."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -21,14 +22,22 @@ class ForwardContext:
     prefill_kv_lens: torch.Tensor       # [B_prefill]
 
 
-_context: Optional[ForwardContext] = None
+class StepContext:
+    """Holds the forward context of one model: its runner sets it around each forward and its
+    attention layers read it. One per model, never process-wide, so two engines in one process
+    (or on two threads) never see each other's metadata."""
 
+    def __init__(self):
+        self._ctx: Optional[ForwardContext] = None
 
-def set_context(ctx: Optional[ForwardContext]) -> None:
-    global _context
-    _context = ctx
+    @contextmanager
+    def use(self, ctx: ForwardContext) -> Iterator[None]:
+        self._ctx = ctx
+        try:
+            yield
+        finally:
+            self._ctx = None
 
-
-def get_context() -> ForwardContext:
-    assert _context is not None, "attention ran outside a model-runner step"
-    return _context
+    def get(self) -> ForwardContext:
+        assert self._ctx is not None, "attention ran outside a model-runner step"
+        return self._ctx

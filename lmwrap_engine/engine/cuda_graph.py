@@ -16,7 +16,7 @@ from typing import List
 
 import torch
 
-from .context import ForwardContext, set_context
+from .context import ForwardContext, StepContext
 
 logger = logging.getLogger("lmwrap_engine")
 
@@ -35,9 +35,10 @@ class DecodeGraphs:
     eagerly, so the padding logic is checked without a GPU.
     """
 
-    def __init__(self, model: torch.nn.Module, max_batch_size: int, max_blocks_per_seq: int, hidden_size: int,
+    def __init__(self, model: torch.nn.Module, step_context: StepContext, max_batch_size: int, max_blocks_per_seq: int, hidden_size: int,
                  dtype: torch.dtype, device: torch.device, capture: bool = True):
         self.model = model
+        self.step_context = step_context
         self.batch_sizes = graph_batch_sizes(max_batch_size)
         self.max_batch_size = max_batch_size
         self.max_blocks_per_seq = max_blocks_per_seq
@@ -68,11 +69,8 @@ class DecodeGraphs:
                               prefill_kv_lens=self.kv_lens[:0])
 
     def _forward(self, bs: int) -> None:
-        set_context(self._context(bs))
-        try:
+        with self.step_context.use(self._context(bs)):
             self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
-        finally:
-            set_context(None)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, List, NamedTuple, Optional
@@ -59,10 +60,16 @@ class EngineStats:
     num_requests: int = 0
     num_prompt_tokens_computed: int = 0     # history/input positions run through the model
     num_generated_tokens_computed: int = 0  # generated positions run through the model
-    num_prefix_hit_tokens: int = 0
+    num_prefix_query_tokens: int = 0        # prompt tokens looked up in the prefix cache
+    num_prefix_hit_tokens: int = 0          # ... of which the cache held
     num_preemptions: int = 0
+    num_sessions_ended_idle: int = 0        # kept sessions ended by the cap or the idle timeout
     num_free_blocks: int = 0
     num_blocks: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    num_sessions: int = 0
+    num_graph_replays: int = 0
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -80,6 +87,11 @@ class _Unsent(NamedTuple):
 class _Session:
     seq: Sequence
     pending: Deque[Request] = field(default_factory=deque)
+    last_active: float = 0.0  # time.monotonic() when its last turn ended
+
+    @property
+    def is_idle(self) -> bool:
+        return self.seq.status is SequenceStatus.IDLE and not self.pending
 
 
 class LLMEngine:
@@ -120,7 +132,7 @@ class LLMEngine:
         if req.sequence_start:
             if session is not None:
                 self.block_manager.free(session.seq)
-            seq = Sequence(next(self._seq_ids), req.session_id, self.config.block_size)
+            seq = Sequence(next(self._seq_ids), req.session_id)
             session = self.sessions[req.session_id] = _Session(seq, session.pending if session else deque())
         elif session is None:
             return self._reject(req, "error", f"session {req.session_id} has no history: start it with "
@@ -252,7 +264,8 @@ class LLMEngine:
             st.num_prompt_tokens_computed += in_prompt
             st.num_generated_tokens_computed += n - in_prompt
         st.num_preemptions = self.scheduler.num_preemptions
-        st.num_prefix_hit_tokens = self.block_manager.num_prefix_hits * self.block_manager.block_size
+        st.num_prefix_query_tokens = self.scheduler.num_prefix_query_tokens
+        st.num_prefix_hit_tokens = self.scheduler.num_prefix_hit_tokens
 
     def _append_token(self, seq: Sequence, token_id: int, logprobs: Optional[dict]) -> None:
         """What the next schedule needs: the token in the sequence, and whether the turn ends here."""
@@ -313,8 +326,52 @@ class LLMEngine:
             if not session.pending:
                 del self.sessions[seq.session_id]
         seq.status = SequenceStatus.IDLE
+        session.last_active = time.monotonic()
         if session.pending:
             self._start(session.pending.popleft())
+        else:
+            self._cap_idle_sessions()
+
+    # -- kept sessions whose clients may never come back ----------------------------------------
+
+    def _idle_sessions(self) -> List[tuple]:
+        return sorted(((s.last_active, sid) for sid, s in self.sessions.items() if s.is_idle))
+
+    def _cap_idle_sessions(self) -> None:
+        """Past ``max_sessions`` kept sessions, end the ones idle the longest."""
+        idle = self._idle_sessions()
+        for _, session_id in idle[:max(0, len(idle) - self.config.max_sessions)]:
+            logger.info("session %d ended: more than max_sessions=%d sessions are kept", session_id,
+                        self.config.max_sessions)
+            self._end_idle(session_id)
+
+    def expire_idle_sessions(self) -> None:
+        """End kept sessions idle for longer than ``session_idle_timeout`` seconds."""
+        timeout = self.config.session_idle_timeout
+        if timeout is None:
+            return
+        deadline = time.monotonic() - timeout
+        for last_active, session_id in self._idle_sessions():
+            if last_active > deadline:
+                break
+            logger.info("session %d ended: idle for more than %g s", session_id, timeout)
+            self._end_idle(session_id)
+
+    def idle_wakeup_s(self) -> Optional[float]:
+        """How long an idle engine thread may sleep before idle sessions must be checked."""
+        timeout = self.config.session_idle_timeout
+        return None if timeout is None else min(1.0, max(timeout, 0.01))
+
+    def _end_idle(self, session_id: int) -> None:
+        # Idle: nothing runs or waits, so no flush is needed (this may run from inside a flush).
+        self.block_manager.free(self.sessions.pop(session_id).seq)
+        self.stats.num_sessions_ended_idle += 1
+
+    def session_tokens(self, session_id: int) -> int:
+        """Tokens the session holds (0 when it does not exist): its next turn continues after them."""
+        self.flush_outputs()
+        session = self.sessions.get(session_id)
+        return session.seq.num_tokens if session else 0
 
     def _evict_idle_session(self) -> bool:
         """Drop the KV of the least recently used idle session (it is recomputed on its next turn)."""
@@ -327,8 +384,13 @@ class LLMEngine:
 
     def snapshot_stats(self) -> dict:
         self.flush_outputs()
-        self.stats.num_free_blocks = self.block_manager.num_free_blocks
-        return self.stats.as_dict()
+        st = self.stats
+        st.num_free_blocks = self.block_manager.num_free_blocks
+        st.num_running, st.num_waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+        st.num_sessions = len(self.sessions)
+        graphs = self.runner.decode_graphs
+        st.num_graph_replays = graphs.num_runs if graphs is not None else 0
+        return st.as_dict()
 
 
 def _guarded(emit: Callable[[RequestOutput], None]) -> Callable[[RequestOutput], None]:

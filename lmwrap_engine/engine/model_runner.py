@@ -13,7 +13,7 @@ from ..loader.safetensors import iterate_weights
 from ..models.config import ModelArgs
 from ..models.layers.attention import PagedAttention
 from ..models.registry import build_model
-from .context import ForwardContext, set_context
+from .context import ForwardContext, StepContext
 from .cuda_graph import DecodeGraphs
 from .scheduler import ScheduledBatch
 
@@ -73,6 +73,7 @@ class ModelRunner:
         self.device = resolve_device(config.device_type)
         self.dtype = resolve_dtype(config.dtype, self.args, self.device)
         self.model = self._load_model(model_dir)
+        self.step_context = StepContext()
         self.session_len = config.session_len or self.args.max_position_embeddings
         self.block_size = config.block_size
         self.num_blocks = self._allocate_kv_cache()
@@ -84,7 +85,7 @@ class ModelRunner:
         """Decode through fixed buffers: captured as CUDA graphs, or run eagerly (``capture=False``)."""
         max_batch = min(self.config.max_batch_size, MAX_GRAPH_BATCH_SIZE)
         max_blocks = -(-min(self.session_len, MAX_GRAPH_CONTEXT) // self.block_size)
-        return DecodeGraphs(self.model, max_batch, max_blocks, self.args.hidden_size,
+        return DecodeGraphs(self.model, self.step_context, max_batch, max_blocks, self.args.hidden_size,
                             self.dtype, self.device, capture=capture)
 
     def _load_model(self, model_dir: str) -> torch.nn.Module:
@@ -131,6 +132,7 @@ class ModelRunner:
             self.v_scales_zeros = torch.empty(sz_shape, dtype=self.dtype, device=self.device)
         layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         for i, attn in enumerate(layers):
+            attn.step_context = self.step_context
             attn.k_cache, attn.v_cache = self.k_cache[i], self.v_cache[i]
             if quant:
                 attn.k_scales_zeros, attn.v_scales_zeros = self.k_scales_zeros[i], self.v_scales_zeros[i]
@@ -182,11 +184,8 @@ class ModelRunner:
         if self._fits_decode_graphs(batch):
             return self.model.compute_logits(self._run_decode_graphs(batch))
         input_ids, positions, ctx, logits_indices = self._prepare(batch)
-        set_context(ctx)
-        try:
+        with self.step_context.use(ctx):
             hidden = self.model(input_ids, positions)
-        finally:
-            set_context(None)
         return self.model.compute_logits(hidden[logits_indices])
 
     def _fits_decode_graphs(self, batch: ScheduledBatch) -> bool:

@@ -22,10 +22,6 @@ class ScheduledBatch:
     num_new_tokens: List[int]
     num_decode_seqs: int
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_batch_size: int, max_num_batched_tokens: int,
@@ -40,6 +36,9 @@ class Scheduler:
         self.waiting: Deque[Sequence] = deque()
         self.running: List[Sequence] = []
         self.num_preemptions = 0
+        # Prompt tokens looked up in the prefix cache on admission, and how many of them it held.
+        self.num_prefix_query_tokens = 0
+        self.num_prefix_hit_tokens = 0
         self.unschedulable: List[Sequence] = []  # too big for the whole cache; the engine fails them
 
     def add(self, seq: Sequence) -> None:
@@ -82,11 +81,9 @@ class Scheduler:
             had_blocks = bool(seq.block_table)
             before = seq.num_computed_tokens
             self.block_manager.match_prefix(seq)
-            seq.num_prefix_hit_tokens += seq.num_computed_tokens - before
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.block_manager.allocate_slots(seq, n):
                 if not had_blocks:
-                    seq.num_prefix_hit_tokens -= seq.num_computed_tokens - before
                     self.block_manager.free(seq)
                 if self.evict_idle_session():
                     continue
@@ -96,6 +93,8 @@ class Scheduler:
                     continue
                 break
             self.waiting.popleft()
+            self.num_prefix_query_tokens += seq.num_tokens - before
+            self.num_prefix_hit_tokens += seq.num_computed_tokens - before
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(seq)

@@ -18,16 +18,17 @@ class Sequence:
     """One session's token stream. A plain request is a session of one turn.
 
     Invariants: ``num_computed_tokens <= num_tokens``; ``block_table`` covers the computed tokens;
-    ``token_ids[:num_computed_tokens]`` have their KV in the cache.
+    ``token_ids[:num_computed_tokens]`` have their KV in the cache; ``block_hashes[i]`` is the chain
+    hash of full computed block ``i`` (only with prefix caching; each computed once, when it fills).
     """
 
-    def __init__(self, seq_id: int, session_id: int, block_size: int):
+    def __init__(self, seq_id: int, session_id: int):
         self.seq_id = seq_id
         self.session_id = session_id
-        self.block_size = block_size
         self.token_ids: List[int] = []
         self.num_computed_tokens = 0
         self.block_table: List[int] = []
+        self.block_hashes: List[int] = []
         self.status = SequenceStatus.IDLE
         self.keep_session = False
         self.arrival = 0
@@ -37,7 +38,6 @@ class Sequence:
         self.num_input_tokens = 0
         self.output_ids: List[int] = []
         self.num_output_tokens = 0
-        self.num_prefix_hit_tokens = 0
         self.generator = None
         self.detokenizer = None
         self.emit: Optional[Callable] = None
@@ -51,7 +51,6 @@ class Sequence:
         self.params = params
         self.output_ids = []
         self.num_output_tokens = 0
-        self.num_prefix_hit_tokens = 0
         self.generator = generator
         self.detokenizer = detokenizer
         self.emit = emit

@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 import kernels
-from lmwrap_engine.engine.context import get_context
 
 
 class PagedAttention(nn.Module):
@@ -16,12 +15,13 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         # Assigned by the model runner once the cache is allocated.
+        self.step_context = None  # the runner's StepContext
         self.k_cache = self.v_cache = None
         self.k_scales_zeros = self.v_scales_zeros = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q [T, H, D]``, ``k/v [T, Hk, D]`` for this step's tokens -> ``[T, H, D]``."""
-        ctx = get_context()
+        ctx = self.step_context.get()
         quant = dict(k_scales_zeros=self.k_scales_zeros, v_scales_zeros=self.v_scales_zeros)
         kernels.fill_kv_cache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, **quant)
         n = ctx.num_decode_tokens
