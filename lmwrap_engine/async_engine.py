@@ -184,11 +184,14 @@ class AsyncEngine:
         params = self.sampling_params(gen_config, step + len(input_ids))
         self.submit(session_id, list(input_ids), params, stream.add(session_id), sequence_start, sequence_end, step)
         total = Accumulated()
-        async for _, out in stream:
-            if stream_response:
-                yield to_genout(out)
-            else:
-                total.add(out)
+        try:
+            async for _, out in stream:
+                if stream_response:
+                    yield to_genout(out)
+                else:
+                    total.add(out)
+        finally:
+            stream.close()
         if not stream_response:
             yield to_genout(total.as_output())
 

@@ -17,9 +17,10 @@ class OutputStream:
     """The deltas of requests submitted together, as ``(index, RequestOutput)`` in arrival order.
 
     Read it once: with ``for`` from any thread, or with ``async for`` on the event loop given as
-    ``aio_loop``. A reader that stops early (break, close, cancellation) stops every request of the
-    stream that has not finished; a finished one is never touched again, so a kept session's next
-    turn is safe.
+    ``aio_loop``. A reader that stops early (break, close, cancellation) must ``close()`` it, which
+    stops every request of the stream that has not finished; a finished one is never touched again,
+    so a kept session's next turn is safe. (An abandoned async generator is only finalized later by
+    its event loop, so ``close`` is not left to the iterator's own cleanup.)
     """
 
     def __init__(self, stop_session: Callable[[int], None], aio_loop: Optional[asyncio.AbstractEventLoop] = None):
@@ -51,7 +52,8 @@ class OutputStream:
             self._unfinished.discard(index)
         return item
 
-    def _stop_unfinished(self) -> None:
+    def close(self) -> None:
+        """Stops the requests that have not finished (idempotent)."""
         for index in sorted(self._unfinished):
             self._stop_session(self._session_ids[index])
         self._unfinished.clear()
@@ -61,14 +63,14 @@ class OutputStream:
             while self._unfinished:
                 yield self._record(self._queue.get())
         finally:
-            self._stop_unfinished()
+            self.close()
 
     async def __aiter__(self) -> AsyncIterator[Tuple[int, RequestOutput]]:
         try:
             while self._unfinished:
                 yield self._record(await self._queue.get())
         finally:
-            self._stop_unfinished()
+            self.close()
 
 
 @dataclass

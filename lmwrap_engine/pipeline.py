@@ -8,7 +8,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 from .async_engine import AsyncEngine
 from .config import GenerationConfig, Response
 from .engine.llm_engine import RequestOutput
-from .output_stream import Accumulated, error_text
+from .output_stream import Accumulated, OutputStream, error_text
 
 Prompt = Union[str, List[dict]]
 
@@ -81,12 +81,16 @@ class Pipeline(AsyncEngine):
         if use_tqdm:
             from tqdm import tqdm
             bar = tqdm(total=len(items), desc="Processed prompts", unit="req")
-        for index, out in self._stream_prompts(items, gen_config, do_preprocess, adapter_name, session_ids, **kwargs):
-            totals[index].add(out)
-            if out.finish_reason is not None and bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+        stream = self._stream_prompts(items, gen_config, do_preprocess, adapter_name, session_ids, **kwargs)
+        try:
+            for index, out in stream:
+                totals[index].add(out)
+                if out.finish_reason is not None and bar is not None:
+                    bar.update(1)
+        finally:
+            stream.close()  # on Ctrl-C: stop what still runs
+            if bar is not None:
+                bar.close()
         results = [to_response(t.as_output(), sid, i) for i, (t, sid) in enumerate(zip(totals, session_ids))]
         return results[0] if single else results
 
@@ -95,8 +99,8 @@ class Pipeline(AsyncEngine):
         """Yields ``Response`` deltas (``text`` is the new piece, ``index`` the prompt's position)."""
         items, _ = normalize_prompts(prompts)
         session_ids: List[int] = []
-        for index, out in self._stream_prompts(items, gen_config, do_preprocess, adapter_name, session_ids, **kwargs):
-            yield to_response(out, session_ids[index], index)
+        yield from _responses(self._stream_prompts(items, gen_config, do_preprocess, adapter_name, session_ids,
+                                                   **kwargs), session_ids)
 
     def _stream_prompts(self, items: list, gen_config, do_preprocess: bool, adapter_name, session_ids: list,
                         **kwargs):
@@ -115,7 +119,7 @@ class Pipeline(AsyncEngine):
             session_id = self.new_session_id()
             session_ids.append(session_id)
             self.submit(session_id, ids, params, stream.add(session_id))
-        return iter(stream)
+        return stream
 
     @staticmethod
     def _per_prompt_configs(gen_config, n: int) -> list:
@@ -144,7 +148,7 @@ class Pipeline(AsyncEngine):
         params = self.sampling_params(gen_config, step + len(input_ids))
         stream = self._open_stream()
         self.submit(session_id, list(input_ids), params, stream.add(session_id), sequence_start, sequence_end, step)
-        return (to_response(out, session_id, 0) for _, out in stream)
+        return _responses(stream, [session_id])
 
     def chat(self, prompt: Prompt, session: Optional[Session] = None, gen_config=None,
              do_preprocess: bool = True, stream_response: bool = False):
@@ -188,6 +192,14 @@ class Pipeline(AsyncEngine):
             self.close()
         except Exception:
             pass
+
+
+def _responses(stream: OutputStream, session_ids: List[int]) -> Iterator[Response]:
+    try:
+        for index, out in stream:
+            yield to_response(out, session_ids[index], index)
+    finally:
+        stream.close()
 
 
 def to_response(out: RequestOutput, session_id: int, index: int) -> Response:
