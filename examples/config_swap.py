@@ -1,9 +1,11 @@
-"""One agent, four places for its model: only the llm config's ``type`` (and where-to-find-it keys) change.
+"""One agent, three places for its model: only the llm config's ``type`` (and where-to-find-it keys) change.
 
     python examples/config_swap.py LMDeployPipeline                  # model in this process
     python examples/config_swap.py LMDeployServer                    # we start `lmwrap serve api_server`
-    python examples/config_swap.py LMDeployClient --url http://127.0.0.1:23333
-    python examples/config_swap.py TritonClient --triton 127.0.0.1:33337
+    lmwrap serve api_server &                                        # someone else's server ...
+    python examples/config_swap.py LMDeployClient --url http://127.0.0.1:23333   # ... used over HTTP
+
+(``TritonClient``, the fourth adapter, is not built yet.)
 
 The same dict works with lagent 0.5's ``create_object`` when ``type`` is a dotted path
 (``'lmwrap.LMDeployPipeline'``) or the class itself.
@@ -29,19 +31,17 @@ def llm_config(kind: str, args) -> dict:
         'LMDeployPipeline': dict(path=args.model),
         'LMDeployServer': dict(path=args.model, server_name='127.0.0.1', server_port=args.port),
         'LMDeployClient': dict(url=args.url, model_name=args.model_name),
-        'TritonClient': dict(tritonserver_addr=args.triton, model_name='turbomind'),
     }[kind]
     return dict(type=kind, **where, **COMMON)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('type', choices=['LMDeployPipeline', 'LMDeployServer', 'LMDeployClient', 'TritonClient'])
+    parser.add_argument('type', choices=['LMDeployPipeline', 'LMDeployServer', 'LMDeployClient'])
     parser.add_argument('--model', default=None, help='model for the pipeline/server (default: SmolLM2-135M)')
-    parser.add_argument('--port', type=int, default=23333)
+    parser.add_argument('--port', type=int, default=None, help='port for LMDeployServer (default: a free one)')
     parser.add_argument('--url', default='http://127.0.0.1:23333')
-    parser.add_argument('--model-name', default='SmolLM2-135M-Instruct', help="the served model's name")
-    parser.add_argument('--triton', default='127.0.0.1:33337', help='Triton gRPC address')
+    parser.add_argument('--model-name', default=None, help="the served model's name (default: the one it serves)")
     parser.add_argument('--question', default='Compute 17 * 23.')
     args = parser.parse_args()
 

@@ -1,4 +1,4 @@
-"""The ``lmwrap`` command: chat, list, demo, bench."""
+"""The ``lmwrap`` command: chat, list, demo, serve, bench."""
 from __future__ import annotations
 
 import argparse
@@ -13,9 +13,11 @@ def cmd_list(args) -> None:
 def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None,
                         help="HF folder, .gguf file or hub id in the local cache (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="weights and KV cache dtype (auto: the model's own; on CPU float32 unless bf16 is fast)")
     parser.add_argument("--chat-template", default=None, help="built-in template name (see `lmwrap list`)")
-    parser.add_argument("--session-len", type=int, default=None)
+    parser.add_argument("--session-len", type=int, default=None,
+                        help="most tokens one session may hold (default: the model's context length)")
 
 
 def _open(args):
@@ -79,6 +81,93 @@ def cmd_demo(args) -> None:
     main(args.model)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535] (0: any free port), got {value}")
+    return value
+
+
+def _api_server_args(p: argparse.ArgumentParser) -> None:
+    _engine_args(p)
+    p.add_argument("--server-name", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--server-port", type=_port, default=23333, help="port to listen on (default 23333)")
+    p.add_argument("--api-keys", nargs="+", default=None, metavar="KEY",
+                   help="accept only requests with `Authorization: Bearer KEY` (several keys, or comma-separated); "
+                        "/health and /metrics stay open")
+    p.add_argument("--backend", choices=["pytorch", "turbomind"], default="turbomind",
+                   help="both names select lmwrap's engine (kept for lmdeploy's command lines)")
+    p.add_argument("--model-name", default=None,
+                   help="the model id clients send in `model` (default: MODEL as given)")
+    p.add_argument("--max-batch-size", type=_positive_int, default=None, help="most requests running at once")
+    p.add_argument("--cache-max-entry-count", type=float, default=0.8,
+                   help="fraction of free device memory the KV cache takes (default 0.8)")
+    p.add_argument("--cache-block-seq-len", type=_positive_int, default=64,
+                   help="tokens per KV cache block (a power of two; default 64)")
+    p.add_argument("--num-gpu-blocks", type=int, default=0,
+                   help="KV cache blocks to allocate (0: from --cache-max-entry-count)")
+    p.add_argument("--max-prefill-token-num", type=_positive_int, default=4096,
+                   help="most prompt tokens prefilled in one engine step")
+    p.add_argument("--enable-prefix-caching", action="store_true",
+                   help="reuse the KV cache of prompt prefixes seen before")
+    p.add_argument("--max-sessions", type=_positive_int, default=1024,
+                   help="most interactive sessions kept in the engine; past it the oldest idle one is ended")
+    p.add_argument("--session-idle-timeout", type=float, default=1800.0,
+                   help="seconds after which an idle interactive session is ended (0: never; default 1800)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the model runs (auto: CUDA when present)")
+    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                   help="log level of the server and the engine")
+    p.add_argument("--max-log-len", type=int, default=None,
+                   help="log prompts at INFO level, cut to this many characters")
+    p.add_argument("--disable-fastapi-docs", action="store_true",
+                   help="do not serve the OpenAPI docs (/docs, /openapi.json)")
+    p.add_argument("--allow-origins", nargs="+", default=["*"], help="CORS allowed origins")
+    p.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    p.add_argument("--allow-methods", nargs="+", default=["*"], help="CORS allowed methods")
+    p.add_argument("--allow-headers", nargs="+", default=["*"], help="CORS allowed headers")
+    p.add_argument("--max-request-bytes", type=_positive_int, default=8 << 20,
+                   help="larger request bodies get 413 before they are parsed (default 8 MiB)")
+
+
+def cmd_api_server(args) -> None:
+    """Serve MODEL over lmdeploy's OpenAI-compatible HTTP API until SIGTERM/SIGINT."""
+    from .chat_template import ChatTemplateConfig
+    from .config import PytorchEngineConfig, TurbomindEngineConfig
+    from .serve.openai.api_server import serve
+
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: torch sees no CUDA device (use --device auto or cpu)")
+    common = dict(dtype=args.dtype, session_len=args.session_len, cache_max_entry_count=args.cache_max_entry_count,
+                  num_gpu_blocks=args.num_gpu_blocks, max_prefill_token_num=args.max_prefill_token_num,
+                  enable_prefix_caching=args.enable_prefix_caching, device_type=args.device,
+                  max_sessions=args.max_sessions, session_idle_timeout=args.session_idle_timeout or None)
+    if args.backend == "pytorch":
+        config = PytorchEngineConfig(block_size=args.cache_block_seq_len, max_batch_size=args.max_batch_size,
+                                     **common)
+    else:
+        config = TurbomindEngineConfig(cache_block_seq_len=args.cache_block_seq_len,
+                                       max_batch_size=args.max_batch_size or 128, **common)
+    template = ChatTemplateConfig(model_name=args.chat_template) if args.chat_template else None
+    keys = [k for group in args.api_keys or [] for k in group.split(",") if k.strip()] or None
+    serve(args.model, model_name=args.model_name, backend=args.backend, backend_config=config,
+          chat_template_config=template, server_name=args.server_name, server_port=args.server_port,
+          allow_origins=args.allow_origins, allow_credentials=args.allow_credentials,
+          allow_methods=args.allow_methods, allow_headers=args.allow_headers, log_level=args.log_level,
+          api_keys=keys, max_log_len=args.max_log_len, disable_fastapi_docs=args.disable_fastapi_docs,
+          max_request_bytes=args.max_request_bytes)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import bench
     parser = argparse.ArgumentParser(prog="lmwrap", description="lmwrap: agent adapters and inference engine")
@@ -98,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("serve", help="servers over the engine")
+    ssub = p.add_subparsers(dest="server", required=True)
+    p = ssub.add_parser("api_server", help="lmdeploy's OpenAI-compatible HTTP API server",
+                        description=cmd_api_server.__doc__)
+    _api_server_args(p)
+    p.set_defaults(func=cmd_api_server)
+
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="bench", required=True)
     b = bsub.add_parser("throughput", help="offline throughput vs transformers (fixed workload)")
@@ -110,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("model", nargs="?", default=None)
     b.add_argument("--runs", type=int, default=3)
     b.set_defaults(func=bench.coldstart)
+    from . import bench_serving
+    b = bsub.add_parser("serving", help="online serving: Poisson arrivals against an OpenAI-compatible server",
+                        description=bench_serving.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_serving.add_arguments(b)
+    b.set_defaults(func=bench_serving.serving)
     b = bsub.add_parser("kernels", help="Triton kernel micro-benchmarks (needs a GPU)")
     try:
         from . import bench_kernels
@@ -121,8 +222,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
+    """Runs a command; a user mistake (bad path, value or port) is one line on stderr and exit code 1
+    (``LMWRAP_DEBUG=1`` shows the traceback)."""
+    import os
+
+    from .model_path import ModelNotFoundError
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (ModelNotFoundError, ValueError, TypeError, NotImplementedError, OSError) as exc:
+        if os.environ.get("LMWRAP_DEBUG"):
+            raise
+        name = " ".join(str(part) for part in (args.command, getattr(args, "server", None),
+                                                getattr(args, "bench", None)) if part)
+        print(f"lmwrap {name}: error: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
