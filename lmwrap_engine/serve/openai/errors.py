@@ -33,11 +33,6 @@ def error_response(status: int, message: str, param: Optional[str] = None) -> JS
     return JSONResponse(error_body(status, message, param), status_code=int(status))
 
 
-def unauthorized_response() -> JSONResponse:
-    """lmdeploy's exact 401 body."""
-    return JSONResponse({"detail": INVALID_API_KEY}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-
-
 def _validation_message(exc: RequestValidationError) -> tuple:
     errors = exc.errors()
     if not errors:

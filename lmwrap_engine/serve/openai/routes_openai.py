@@ -1,0 +1,162 @@
+"""The OpenAI routes: ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions`` (lmdeploy's
+extra fields included)."""
+from __future__ import annotations
+
+import time
+from http import HTTPStatus
+from typing import Callable, List, Tuple
+
+from fastapi import APIRouter, Depends, Request
+
+from ...config import GenOut
+from .context import SERVER_SESSION_BASE, Choice, Job, ServerContext, server_context
+from .errors import APIError
+from .params import check_n, gen_config, sampling_kwargs, seeded, stop_words
+from .protocol import ChatCompletionRequest, CompletionRequest, chat_logprobs, completion_logprobs, \
+    flatten_messages, usage
+from .replies import reply
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def models(ctx: ServerContext = Depends(server_context)) -> dict:
+    """The model names this server answers to."""
+    data = []
+    for name in ctx.model_names:
+        permission = {"id": f"modelperm-{name}", "object": "model_permission", "created": ctx.created,
+                      "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                      "allow_search_indices": True, "allow_view": True, "allow_fine_tuning": False,
+                      "organization": "*", "group": None, "is_blocking": False}
+        data.append({"id": name, "object": "model", "created": ctx.created, "owned_by": "lmwrap",
+                     "root": name, "parent": None, "permission": [permission]})
+    return {"object": "list", "data": data}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           ctx: ServerContext = Depends(server_context)):
+    """OpenAI chat completions (lmdeploy's extra fields: top_k, repetition_penalty, ignore_eos,
+    skip_special_tokens, session_id, min_p, min_new_tokens)."""
+    arrival = time.perf_counter()
+    ctx.check_open()
+    ctx.check_model(body.model)
+    n = check_n(body.n)
+    if body.response_format is not None and body.response_format.get("type", "text") != "text":
+        raise APIError(HTTPStatus.BAD_REQUEST, "response_format is not supported yet.", "response_format")
+    top = body.top_logprobs or 0
+    if not 0 <= top <= 20:
+        raise APIError(HTTPStatus.BAD_REQUEST, "top_logprobs must be in [0, 20].", "top_logprobs")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    names = {"max_new_tokens": "max_completion_tokens" if body.max_completion_tokens is not None
+             else "max_tokens", "logprobs": "top_logprobs"}
+    gen = gen_config(names, max_new_tokens=max_tokens, min_new_tokens=body.min_new_tokens,
+                     stop_words=stop_words(body, ctx.engine.chat_template.stop_words),
+                     logprobs=top if body.logprobs else None, **sampling_kwargs(body, 0.7))
+    messages = flatten_messages(body.messages)
+    sids = ctx.session_ids(body.session_id, n)
+    release = ctx.acquire(sids)
+    try:
+        await ctx.check_not_kept(sids[0])
+        ids = await ctx.encode(messages, "messages", do_preprocess=not isinstance(messages, str), tools=body.tools)
+        jobs = [Job(sid, ids, seeded(gen, i)) for i, sid in enumerate(sids)]
+    except BaseException:
+        release()
+        raise
+    tokenizer = ctx.engine.tokenizer
+
+    def logprobs(token_ids, lps):
+        return chat_logprobs(tokenizer, token_ids, lps, top) if body.logprobs else None
+
+    def delta(i: int, out: GenOut, c: Choice) -> dict:
+        return {"index": i, "delta": {"role": "assistant", "content": out.response},
+                "logprobs": logprobs(out.token_ids, out.logprobs or []), "finish_reason": out.finish_reason}
+
+    def whole(i: int, c: Choice) -> dict:
+        return {"index": i, "message": {"role": "assistant", "content": c.text, "tool_calls": None},
+                "logprobs": logprobs(c.token_ids, c.logprobs), "finish_reason": c.finish_reason}
+    return await respond(ctx, body, request, "chat", jobs, n, arrival, release,
+                         ("chat.completion", "chat.completion.chunk"), delta, whole)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request, ctx: ServerContext = Depends(server_context)):
+    """OpenAI completions over raw prompts (no chat template); prompt i of a list uses session_id + i."""
+    arrival = time.perf_counter()
+    ctx.check_open()
+    ctx.check_model(body.model)
+    n = check_n(body.n)
+    top = body.logprobs
+    if top is not None and not 0 <= top <= 20:
+        raise APIError(HTTPStatus.BAD_REQUEST, "logprobs must be in [0, 20].", "logprobs")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else (body.max_tokens or 512)
+    gen = gen_config({"logprobs": "logprobs"}, max_new_tokens=max_tokens, logprobs=top,
+                     stop_words=stop_words(body, ctx.engine.chat_template.stop_words), **sampling_kwargs(body, 0.7))
+    prompts = body.prompt
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not prompts:
+        raise APIError(HTTPStatus.BAD_REQUEST, "The prompt is empty.", "prompt")
+    base = ctx.session_ids(body.session_id, 1)[0]
+    sids = []
+    for p in range(len(prompts)):
+        sids += ([base + p] if base < SERVER_SESSION_BASE else ctx.session_ids(-1, 1)) + ctx.session_ids(-1, n - 1)
+    tokenizer = ctx.engine.tokenizer
+    release = ctx.acquire(sids)
+    try:
+        for sid in sids:
+            await ctx.check_not_kept(sid)
+        jobs, echoes = [], []
+        for p, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                ids = await ctx.encode(prompt, "prompt", do_preprocess=False)
+            else:
+                ids = ctx.check_ids(list(prompt), "prompt")
+            text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
+            for j in range(n):
+                jobs.append(Job(sids[p * n + j], ids, seeded(gen, j)))
+                echoes.append(text if body.echo else "")
+    except BaseException:
+        release()
+        raise
+
+    def logprobs(token_ids, lps, offset: int):
+        return None if top is None else completion_logprobs(tokenizer, token_ids, lps, top, offset)
+
+    def delta(i: int, out: GenOut, c: Choice) -> dict:
+        before = len(c.text) - len(out.response)  # the text choice i had before this delta
+        first = before == 0 and len(c.token_ids) == len(out.token_ids)  # the echo leads the first output
+        return {"index": i, "text": (echoes[i] if first else "") + out.response, "finish_reason": out.finish_reason,
+                "logprobs": logprobs(out.token_ids, out.logprobs or [], len(echoes[i]) + before)}
+
+    def whole(i: int, c: Choice) -> dict:
+        return {"index": i, "text": echoes[i] + c.text, "finish_reason": c.finish_reason,
+                "logprobs": logprobs(c.token_ids, c.logprobs, len(echoes[i]))}
+    return await respond(ctx, body, request, "completions", jobs, n, arrival, release,
+                         ("text_completion", "text_completion"), delta, whole)
+
+
+async def respond(ctx: ServerContext, body, request: Request, route: str, jobs: List[Job], n: int, arrival: float,
+                  release: Callable[[], None], objects: Tuple[str, str],
+                  delta: Callable[[int, GenOut, Choice], dict], whole: Callable[[int, Choice], dict]):
+    """An OpenAI reply: ``objects[0]`` with ``whole(i, choice)`` per job, or (``body.stream``) ``objects[1]``
+    chunks of one ``delta(i, out, choice)`` each, then the usage chunk if ``stream_options`` ask for it."""
+    rid, created = str(jobs[0].session_id), int(time.time())  # lmdeploy: the id is the session id
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def envelope(obj: str, choices: list, **extra) -> dict:
+        return {"id": rid, "object": obj, "created": created, "model": body.model, "choices": choices, **extra}
+
+    def total(choices: List[Choice]) -> dict:  # the n choices of a prompt share its input tokens
+        return usage(sum(c.input_tokens for c in choices[::n]), sum(c.generated_tokens for c in choices))
+
+    def chunk(i: int, out: GenOut, c: Choice) -> dict:
+        return envelope(objects[1], [delta(i, out, c)], **({"usage": None} if include_usage else {}))
+
+    def usage_chunk(choices: List[Choice]) -> dict:
+        return envelope(objects[1], [], usage=total(choices))
+
+    def final(choices: List[Choice]) -> dict:
+        return envelope(objects[0], [whole(i, c) for i, c in enumerate(choices)], usage=total(choices))
+    return await reply(ctx, jobs, route, arrival, request, stream=bool(body.stream), chunk=chunk, final=final,
+                       on_done=lambda _: release(), last=usage_chunk if include_usage else None)
