@@ -24,6 +24,8 @@ demo: $(STAMP)
 	$(VENV)/bin/lmwrap demo
 	# An agent using the model: lagent's ReAct calling a Python tool through LMDeployPipeline.
 	$(PY) examples/react_agent.py "Compute 17 * 23."
+	# The same model behind our api_server in a child process (LMDeployServer), asked over HTTP.
+	$(PY) examples/serve_and_ask.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -80,6 +80,11 @@ class CompletionRequest(BaseModel):
     top_k: Optional[int] = 40
     min_p: Optional[float] = 0.0
     seed: Optional[int] = None
+    # lmwrap extension (lmwrap.LMDeployClient): a raw-prompt turn of a session kept in the engine. Either set:
+    # one prompt, session_id >= 0; sequence_start=False continues the session's KV cache (400 if it holds
+    # none), sequence_end=False keeps it for the next call. Unset: a one-off request, as lmdeploy.
+    sequence_start: Optional[bool] = None
+    sequence_end: Optional[bool] = None
 
 
 class InteractiveRequest(BaseModel):
@@ -145,9 +150,10 @@ def sse(data) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, history_tokens: int = 0) -> dict:
+    """OpenAI's usage; ``total_tokens`` also counts a kept session's history, as lmdeploy's does."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": history_tokens + prompt_tokens + completion_tokens}
 
 
 # -- logprobs in OpenAI's shapes ------------------------------------------------------------------

@@ -97,6 +97,11 @@ async def completions(body: CompletionRequest, request: Request, ctx: ServerCont
         prompts = [prompts]
     if not prompts:
         raise APIError(HTTPStatus.BAD_REQUEST, "The prompt is empty.", "prompt")
+    kept = body.sequence_start is not None or body.sequence_end is not None
+    start, end = body.sequence_start is not False, body.sequence_end is not False
+    if kept and (body.session_id is None or body.session_id < 0 or len(prompts) != 1 or n != 1):
+        raise APIError(HTTPStatus.BAD_REQUEST, "sequence_start / sequence_end need a session_id >= 0, one prompt "
+                       "and n=1.", "session_id")
     base = ctx.session_ids(body.session_id, 1)[0]
     sids = []
     for p in range(len(prompts)):
@@ -104,17 +109,23 @@ async def completions(body: CompletionRequest, request: Request, ctx: ServerCont
     tokenizer = ctx.engine.tokenizer
     release = ctx.acquire(sids)
     try:
-        for sid in sids:
-            await ctx.check_not_kept(sid)
+        if not kept:
+            for sid in sids:
+                await ctx.check_not_kept(sid)
+        elif not start and await ctx.engine.session_tokens(base) == 0:
+            raise APIError(HTTPStatus.BAD_REQUEST, f"The session_id `{base}` holds no history to continue "
+                           "(sequence_start=false).", "sequence_start")
+        elif start:
+            await ctx.engine.end_session(base)  # a new conversation replaces what the session held
         jobs, echoes = [], []
         for p, prompt in enumerate(prompts):
             if isinstance(prompt, str):
-                ids = await ctx.encode(prompt, "prompt", do_preprocess=False)
+                ids = await ctx.encode(prompt, "prompt", do_preprocess=False, sequence_start=start)
             else:
                 ids = ctx.check_ids(list(prompt), "prompt")
             text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
             for j in range(n):
-                jobs.append(Job(sids[p * n + j], ids, seeded(gen, j)))
+                jobs.append(Job(sids[p * n + j], ids, seeded(gen, j), sequence_start=start, sequence_end=end))
                 echoes.append(text if body.echo else "")
     except BaseException:
         release()
@@ -148,7 +159,8 @@ async def respond(ctx: ServerContext, body, request: Request, route: str, jobs: 
         return {"id": rid, "object": obj, "created": created, "model": body.model, "choices": choices, **extra}
 
     def total(choices: List[Choice]) -> dict:  # the n choices of a prompt share its input tokens
-        return usage(sum(c.input_tokens for c in choices[::n]), sum(c.generated_tokens for c in choices))
+        return usage(sum(c.input_tokens for c in choices[::n]), sum(c.generated_tokens for c in choices),
+                     sum(c.history_tokens for c in choices[::n]))
 
     def chunk(i: int, out: GenOut, c: Choice) -> dict:
         return envelope(objects[1], [delta(i, out, c)], **({"usage": None} if include_usage else {}))
