@@ -89,6 +89,15 @@ def fill_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
     v_cache.view(-1, num_kv_heads, head_dim)[slots] = v
 
 
+def copy_blocks(caches, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy whole blocks ``src[i] -> dst[i]`` in every cache of ``caches`` (each ``[layers, num_blocks, ...]``:
+    K, V and, with int8 KV, their scales), all layers at once. Every source is read before any
+    destination is written; destinations must be distinct."""
+    src, dst = src.long(), dst.long()
+    for cache in caches:
+        cache.index_copy_(1, dst, cache.index_select(1, src))
+
+
 def _take_blocks(cache: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The cache blocks ``ids`` (any shape), stacked; ``index_select`` copies them ~1.5x faster than ``cache[ids]``."""
     return torch.index_select(cache, 0, ids.reshape(-1))

@@ -22,7 +22,8 @@ logger = logging.getLogger('lmwrap')
 
 # serve_cfg key -> kind. Keys are lmdeploy's ``serve()`` / engine-config names; each becomes the
 # ``lmwrap serve api_server`` flag ``--key-with-dashes``. Kinds: 'value' (one value), 'list'
-# (several values after one flag), 'flag' (a bool: the flag alone when true).
+# (several values after one flag), 'flag' (a bool: the flag alone when true), 'bool' (a bool whose
+# default is true: ``--key`` or ``--no-key``).
 SERVE_OPTIONS: Dict[str, str] = {
     # the server
     'api_keys': 'list', 'backend': 'value', 'chat_template': 'value', 'max_log_len': 'value',
@@ -31,7 +32,7 @@ SERVE_OPTIONS: Dict[str, str] = {
     # the engine (TurbomindEngineConfig / PytorchEngineConfig fields)
     'dtype': 'value', 'session_len': 'value', 'max_batch_size': 'value', 'cache_max_entry_count': 'value',
     'cache_block_seq_len': 'value', 'num_gpu_blocks': 'value', 'max_prefill_token_num': 'value',
-    'enable_prefix_caching': 'flag', 'device': 'value', 'max_sessions': 'value', 'session_idle_timeout': 'value',
+    'enable_prefix_caching': 'bool', 'device': 'value', 'max_sessions': 'value', 'session_idle_timeout': 'value',
 }
 # Engine-config field names that lmdeploy's CLI spells differently.
 _CONFIG_ALIASES = {'device_type': 'device', 'block_size': 'cache_block_seq_len'}
@@ -189,10 +190,13 @@ def serve_flags(serve_cfg: Dict[str, Any]) -> List[str]:
         kind, flag = SERVE_OPTIONS[key], '--' + key.replace('_', '-')
         if value is None:
             continue
-        if kind == 'flag':
+        if kind in ('flag', 'bool'):
             if not isinstance(value, bool):
                 raise TypeError(f'serve_cfg[{key!r}] must be a bool, got {value!r}')
-            flags += [flag] if value else []
+            if kind == 'bool' and not value:
+                flags.append('--no-' + key.replace('_', '-'))
+            elif value:
+                flags.append(flag)
         elif kind == 'list':
             values = value.split(',') if isinstance(value, str) else list(value)
             flags += [flag, *[str(v).strip() for v in values]]

@@ -116,8 +116,9 @@ def _api_server_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache blocks to allocate (0: from --cache-max-entry-count)")
     p.add_argument("--max-prefill-token-num", type=_positive_int, default=4096,
                    help="most prompt tokens prefilled in one engine step")
-    p.add_argument("--enable-prefix-caching", action="store_true",
-                   help="reuse the KV cache of prompt prefixes seen before")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV cache of prompt prefixes seen before (default: on, unlike lmdeploy; "
+                        "--no-enable-prefix-caching turns it off)")
     p.add_argument("--max-sessions", type=_positive_int, default=1024,
                    help="most interactive sessions kept in the engine; past it the oldest idle one is ended")
     p.add_argument("--session-idle-timeout", type=float, default=1800.0,
@@ -211,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description=bench_serving.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_serving.add_arguments(b)
     b.set_defaults(func=bench_serving.serving)
+    from . import bench_agents
+    b = bsub.add_parser("agents", help="K concurrent agents x T turns re-sending their histories, vs transformers",
+                        description=bench_agents.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_agents.add_arguments(b)
+    b.set_defaults(func=bench_agents.agents)
     b = bsub.add_parser("kernels", help="Triton kernel micro-benchmarks (needs a GPU)")
     try:
         from . import bench_kernels

@@ -109,7 +109,11 @@ class GenerationConfig:
 
 @dataclass
 class EngineConfig:
-    """What the engine needs, whichever public config class the user gave."""
+    """What the engine needs, whichever public config class the user gave.
+
+    ``enable_prefix_caching`` is on by default (lmdeploy's is off): agents re-send their whole
+    history every turn, and the cache makes each turn compute only its new tokens.
+    """
 
     dtype: str = "auto"
     session_len: Optional[int] = None
@@ -118,7 +122,7 @@ class EngineConfig:
     block_size: int = 64
     num_gpu_blocks: int = 0
     max_prefill_token_num: int = 4096
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = True
     quant_policy: int = 0
     device_type: str = "auto"
     eager_mode: bool = False
@@ -157,6 +161,8 @@ class PytorchEngineConfig:
     A field set to a value the engine does not honour raises when the engine is built. The engine
     is always thread-safe, so ``thread_safe`` may be either. Added by lmwrap: ``max_sessions`` and
     ``session_idle_timeout`` bound the sessions kept between turns (the longest idle is ended first).
+    Deviation from lmdeploy: ``enable_prefix_caching`` defaults to True (agents re-send their whole
+    history each turn; the cache serves it); ``enable_prefix_caching=False`` turns it off.
     """
 
     dtype: str = "auto"
@@ -171,7 +177,7 @@ class PytorchEngineConfig:
     adapters: Optional[dict] = None
     max_prefill_token_num: int = 4096
     thread_safe: bool = False
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = True
     device_type: str = "auto"
     eager_mode: bool = False
     custom_module_map: Optional[dict] = None
@@ -200,6 +206,8 @@ class TurbomindEngineConfig:
 
     A field set to a value the engine does not honour raises when the engine is built. Added by
     lmwrap: ``max_sessions``, ``session_idle_timeout``, ``eager_mode`` (as ``PytorchEngineConfig``'s).
+    Deviation from lmdeploy: ``enable_prefix_caching`` defaults to True (as ``PytorchEngineConfig``'s);
+    ``enable_prefix_caching=False`` turns it off.
     """
 
     dtype: str = "auto"
@@ -210,7 +218,7 @@ class TurbomindEngineConfig:
     cache_max_entry_count: float = 0.8
     cache_chunk_size: int = -1
     cache_block_seq_len: int = 64
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = True
     quant_policy: int = 0
     rope_scaling_factor: float = 0.0
     use_logn_attn: bool = False

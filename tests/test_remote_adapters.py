@@ -215,14 +215,18 @@ def test_serve_cfg_keys_are_flags_of_the_real_cli():
     samples = dict(backend='pytorch', dtype='float32', device='cpu', cache_max_entry_count=0.5,
                    session_idle_timeout=60.0, api_keys='a,b')
     for key, kind in SERVE_OPTIONS.items():
-        value = samples.get(key, dict(value=2, list=['a', 'b'], flag=True)[kind])
+        value = samples.get(key, dict(value=2, list=['a', 'b'], flag=True, bool=False)[kind])
         # argparse exits on an unknown flag or a bad value
         parser.parse_args(['serve', 'api_server', 'some-model', *serve_flags({key: value})])
     flags = serve_flags(dict(backend_config=TurbomindEngineConfig(session_len=64, cache_block_seq_len=16),
                              api_keys='k1, k2', enable_prefix_caching=False))
-    assert flags == ['--api-keys', 'k1', 'k2', '--session-len', '64', '--cache-block-seq-len', '16']
+    assert flags == ['--api-keys', 'k1', 'k2', '--no-enable-prefix-caching', '--session-len', '64',
+                     '--cache-block-seq-len', '16']
     args = parser.parse_args(['serve', 'api_server', 'm', *flags])
     assert (args.session_len, args.cache_block_seq_len, args.api_keys) == (64, 16, ['k1', 'k2'])
+    assert args.enable_prefix_caching is False
+    assert parser.parse_args(['serve', 'api_server', 'm', *serve_flags(dict(enable_prefix_caching=True))]
+                             ).enable_prefix_caching is True
 
 
 def test_server_with_a_missing_model_fails_fast_with_the_childs_message(tmp_path):

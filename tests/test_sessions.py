@@ -141,8 +141,9 @@ def test_continuing_an_unknown_session_is_an_error(pipe):
 
 
 def test_idle_sessions_are_evicted_when_the_cache_fills_up(model_dir, encode):
-    # 6 blocks of 16 tokens; each chat session holds 3 of them between turns
-    with pipeline(model_dir, tiny_config(num_gpu_blocks=6)) as pipe:
+    # 6 blocks of 16 tokens; each chat session holds 3 of them between turns. Without the prefix
+    # cache, so that an evicted session's history is recomputed in full.
+    with pipeline(model_dir, tiny_config(num_gpu_blocks=6, enable_prefix_caching=False)) as pipe:
         first = pipe.chat("My name is Ada.", gen_config=GREEDY)
         second = pipe.chat("My name is Bob.", gen_config=GREEDY)
         assert pipe.stats()["num_free_blocks"] == 0

@@ -181,12 +181,23 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Runs one step; returns fp32 logits for the sequences whose last token was computed, in batch order."""
+        if batch.copies:
+            self.copy_blocks(batch.copies)
         if self._fits_decode_graphs(batch):
             return self.model.compute_logits(self._run_decode_graphs(batch))
         input_ids, positions, ctx, logits_indices = self._prepare(batch)
         with self.step_context.use(ctx):
             hidden = self.model(input_ids, positions)
         return self.model.compute_logits(hidden[logits_indices])
+
+    def copy_blocks(self, pairs) -> None:
+        """KV (and int8 scales) of block ``src`` into block ``dst`` for each ``(src, dst)``, all layers at once."""
+        from kernels.reference import copy_blocks
+        caches = [self.k_cache, self.v_cache]
+        if self.config.quant_policy == 8:
+            caches += [self.k_scales_zeros, self.v_scales_zeros]
+        src, dst = zip(*pairs)
+        copy_blocks(caches, torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device))
 
     def _fits_decode_graphs(self, batch: ScheduledBatch) -> bool:
         graphs = self.decode_graphs

@@ -4,13 +4,17 @@ Each step gives every running sequence the tokens it still needs (1 for decode, 
 prompt, capped by the budget, for prefill), then admits waiting sequences while budget, batch
 slots and KV blocks last. When blocks run out, idle sessions' KV is dropped first, then the
 most recently admitted running sequence is preempted: its blocks are freed and it goes back to
-the front of the queue to be recomputed (its full blocks usually come back from the prefix cache).
+the front of the queue to be recomputed (its blocks usually come back from the prefix cache).
+
+With prefix caching, a waiting sequence whose first uncached prompt block a running sequence is
+computing right now (agents sharing a system prompt, arriving together) waits for it rather than
+computing it again; sequences behind it are admitted meanwhile, and it keeps its place.
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
-from typing import Callable, Deque, List, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Deque, List, Optional, Tuple
 
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
@@ -21,6 +25,8 @@ class ScheduledBatch:
     seqs: List[Sequence]           # decode rows (one new token) first, then prefill rows
     num_new_tokens: List[int]
     num_decode_seqs: int
+    # (src, dst) KV blocks to copy before the forward: prefix reuse at token grain (copy-on-write).
+    copies: List[Tuple[int, int]] = field(default_factory=list)
 
 
 class Scheduler:
@@ -76,15 +82,22 @@ class Scheduler:
                 counts.append(n)
                 budget -= n
                 i += 1
+        bm = self.block_manager
+        deferred: List[Sequence] = []
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
             had_blocks = bool(seq.block_table)
             before = seq.num_computed_tokens
-            self.block_manager.match_prefix(seq)
+            if bm.enable_prefix_caching and not had_blocks:
+                match = bm.lookup(seq)
+                if bm.computing_elsewhere(seq, match):
+                    deferred.append(self.waiting.popleft())
+                    continue
+                bm.attach(seq, match)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.block_manager.allocate_slots(seq, n):
+            if not bm.allocate_slots(seq, n):
                 if not had_blocks:
-                    self.block_manager.free(seq)
+                    bm.free(seq)
                 if self.evict_idle_session():
                     continue
                 if not self.running and not scheduled and not self.blocks_pending_release():
@@ -100,11 +113,12 @@ class Scheduler:
             scheduled.append(seq)
             counts.append(n)
             budget -= n
+        self.waiting.extendleft(reversed(deferred))
         if not scheduled:
             return None
         order = sorted(range(len(scheduled)), key=lambda j: counts[j] != 1)
         return ScheduledBatch([scheduled[j] for j in order], [counts[j] for j in order],
-                              sum(1 for c in counts if c == 1))
+                              sum(1 for c in counts if c == 1), bm.take_copies())
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

@@ -29,6 +29,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.block_table: List[int] = []
         self.block_hashes: List[int] = []
+        self.in_flight_hash: Optional[int] = None  # the prompt block it was admitted to compute first
         self.status = SequenceStatus.IDLE
         self.keep_session = False
         self.arrival = 0
