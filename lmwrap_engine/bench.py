@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--session-len", type=int, default=None,
                         help="longest sequence (default: the model's max_position_embeddings)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                        help="the engine's prefix cache (default on; this workload reuses nothing, so "
+                             "--no-enable-prefix-caching measures the cache's overhead)")
 
 
 def _sharegpt_like_length(rng: random.Random, mu_sigma, bounds) -> int:
@@ -97,6 +100,7 @@ def _open_pipeline(args):
         model = write_dummy_model_dir(shape, dummy_cache_dir())
     cfg = EngineConfig(dtype=args.dtype, max_batch_size=args.max_batch_size,
                        max_prefill_token_num=args.max_prefill_token_num, session_len=getattr(args, "session_len", None),
+                       enable_prefix_caching=getattr(args, "enable_prefix_caching", True),
                        load_format="dummy" if shape else "auto")
     return pipeline(model, cfg)
 
@@ -207,7 +211,10 @@ def throughput(args) -> None:
     print(f"model: {model}")
     print(f"workload: {len(workload)} requests ({lengths}), {num_in} prompt tokens, "
           f"{sum(o for _, o in workload)} output tokens, EOS ignored; dtype {dtype}, device {device}")
-    run_engine(pipe, workload[:2])  # warm-up
+    # Warm-up on other prompts: with the prefix cache on, the timed requests must find nothing cached.
+    run_engine(pipe, make_workload(_plain_vocab(pipe.tokenizer), 2, input_len, output_len, args.seed + 1,
+                                   args.dataset))
+    print(f"prefix caching: {'on' if args.enable_prefix_caching else 'off'}")
     before = pipe.stats()
     secs, toks = run_engine(pipe, workload)
     print(f"lmwrap       : {secs:8.2f} s  {toks / secs:9.1f} output tok/s  {(toks + num_in) / secs:9.1f} total tok/s")
