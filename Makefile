@@ -27,7 +27,15 @@ demo: $(STAMP)
 	# The same model behind our api_server in a child process (LMDeployServer), asked over HTTP.
 	$(PY) examples/serve_and_ask.py
 
-test: $(STAMP)
+# Test-only peers, compiled from source (pip caches the wheel, so only a fresh machine pays, ~5 min):
+# llama.cpp, which `lmwrap bench agents` compares against.
+TEST_STAMP := $(VENV)/.installed-test
+
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q llama-cpp-python==0.3.36
+	touch $(TEST_STAMP)
+
+test: $(STAMP) $(TEST_STAMP)
 	$(PY) -m pytest -q
 
 clean:

@@ -136,3 +136,25 @@ def test_bad_flags_are_clear_errors(model_dir):
         args = build_parser().parse_args(["bench", "agents", model_dir] + flags)
         with pytest.raises(SystemExit, match=match):
             args.func(args)
+
+
+def test_llama_cpp_side_by_side_on_the_default_gguf(tmp_path):
+    """llama.cpp (installed by `make test`) runs the same turns on the same GGUF file, one sequence at a time."""
+    pytest.importorskip("llama_cpp")
+    from lmwrap_engine.model_path import default_gguf_path
+    out = tmp_path / "llama.json"
+    system, user, reply, obs, turns = 64, 4, 4, 8, 2
+    proc = subprocess.run([sys.executable, "-m", "lmwrap_engine.cli", "bench", "agents", default_gguf_path(),
+                           "--agents", "2", "--turns", str(turns), "--system-len", str(system), "--user-len", str(user),
+                           "--reply-len", str(reply), "--observation-len", str(obs), "--no-hf", "--disable-tqdm",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"^llama\.cpp +[\d.]+ +4 ", proc.stdout, re.M), proc.stdout
+    ours, llama = json.loads(out.read_text())["sides"]
+    assert (ours["side"], llama["side"]) == ("lmwrap, cache on", "llama.cpp")
+    sent = 2 * (system + user) + 2 * (system + user + reply + obs)
+    for side in (ours, llama):
+        assert side["requests"] == 4 and side["prompt_tokens_sent"] == sent
+        assert all(len(r["reply"]) == reply for r in side["records"])
+    # Its prompt cache reuses the agent's previous turn, as ours does (the other agent's history is evicted).
+    assert 0 < llama["prompt_tokens_computed"] < sent
