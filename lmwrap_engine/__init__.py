@@ -12,6 +12,9 @@ def client(api_server_url: str = "http://127.0.0.1:23333", api_key=None, **kwarg
     return APIClient(api_server_url, api_key, **kwargs)
 
 
+_ENGINE_NAMES = ("pipeline", "Pipeline", "Session", "AsyncEngine", "GenerationConfig", "GenOut",
+                 "PytorchEngineConfig", "TurbomindEngineConfig", "ChatTemplateConfig", "Response")
+
 try:
     import torch  # noqa: F401  (the engine needs it; a thin client install has only client / serve.api_client)
 except ImportError:
@@ -19,6 +22,8 @@ except ImportError:
 
     def __getattr__(name: str):
         if name.startswith("__"):
+            raise AttributeError(name)
+        if name not in _ENGINE_NAMES:  # e.g. a submodule: the import system loads it (and says what it lacks)
             raise AttributeError(name)
         raise ImportError(f"lmwrap_engine.{name} needs the engine's dependencies (torch is not installed): "
                           "pip install 'lmwrap[engine]'")
@@ -28,6 +33,4 @@ else:
     from .config import GenerationConfig, GenOut, PytorchEngineConfig, Response, TurbomindEngineConfig
     from .pipeline import Pipeline, Session, pipeline
 
-    __all__ = ["pipeline", "Pipeline", "Session", "AsyncEngine", "GenerationConfig", "GenOut", "PytorchEngineConfig",
-               "TurbomindEngineConfig", "ChatTemplateConfig", "Response"]
-    __all__ += ["client"]
+    __all__ = [*_ENGINE_NAMES, "client"]

@@ -233,18 +233,30 @@ def main(argv=None) -> None:
     import os
 
     from .model_path import ModelNotFoundError
-    args = build_parser().parse_args(argv)
+    name = "lmwrap"
     try:
+        args = build_parser().parse_args(argv)
+        name = " ".join(["lmwrap"] + [str(part) for part in (args.command, getattr(args, "server", None),
+                                                              getattr(args, "bench", None)) if part])
         args.func(args)
     except KeyboardInterrupt:
         sys.exit(130)
+    except ModuleNotFoundError as exc:
+        if os.environ.get("LMWRAP_DEBUG") or exc.name not in _ENGINE_DEPENDENCIES:
+            raise
+        print(f"{name}: error: the engine is not installed ({exc.name} is missing): "
+              "pip install 'lmwrap[server]' (or 'lmwrap[engine]')", file=sys.stderr)
+        sys.exit(1)
     except (ModelNotFoundError, ValueError, TypeError, NotImplementedError, OSError) as exc:
         if os.environ.get("LMWRAP_DEBUG"):
             raise
-        name = " ".join(str(part) for part in (args.command, getattr(args, "server", None),
-                                                getattr(args, "bench", None)) if part)
-        print(f"lmwrap {name}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+# What a thin client install (`pip install lmwrap`) lacks; the extras `engine` / `server` bring them.
+_ENGINE_DEPENDENCIES = {"torch", "transformers", "tokenizers", "safetensors", "gguf", "jinja2", "numpy", "tqdm",
+                        "fastapi", "uvicorn", "prometheus_client", "httpx"}
 
 
 if __name__ == "__main__":

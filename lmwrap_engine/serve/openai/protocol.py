@@ -21,20 +21,13 @@ class StreamOptions(BaseModel):
     include_usage: Optional[bool] = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """``POST /v1/chat/completions``. ``messages`` as a str is sent without the chat template."""
+class _OpenAIRequest(BaseModel):
+    """The fields /v1/chat/completions and /v1/completions share: OpenAI's, then lmdeploy's extras."""
 
     model: str
-    messages: Union[str, List[Dict[str, Any]]]
     temperature: Optional[float] = 0.7
     top_p: Optional[float] = 1.0
-    tools: Optional[List[Dict[str, Any]]] = None
-    tool_choice: Optional[Union[str, Dict[str, Any]]] = "auto"
-    logprobs: Optional[bool] = False
-    top_logprobs: Optional[int] = None
     n: Optional[int] = 1
-    logit_bias: Optional[Dict[str, float]] = None
-    max_tokens: Optional[int] = Field(default=None, description="None: what session_len leaves")
     max_completion_tokens: Optional[int] = Field(default=None, description="OpenAI's newer name of max_tokens")
     stop: Stop = None
     stream: Optional[bool] = False
@@ -42,7 +35,6 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: Optional[float] = 0.0  # accepted and ignored, as lmdeploy does
     frequency_penalty: Optional[float] = 0.0
     user: Optional[str] = None
-    response_format: Optional[Dict[str, Any]] = None
     # lmdeploy's extras
     repetition_penalty: Optional[float] = 1.0
     session_id: Optional[int] = -1
@@ -50,36 +42,31 @@ class ChatCompletionRequest(BaseModel):
     skip_special_tokens: Optional[bool] = True
     top_k: Optional[int] = 40
     min_p: Optional[float] = 0.0
-    min_new_tokens: Optional[int] = None
     seed: Optional[int] = None
 
 
-class CompletionRequest(BaseModel):
+class ChatCompletionRequest(_OpenAIRequest):
+    """``POST /v1/chat/completions``. ``messages`` as a str is sent without the chat template."""
+
+    messages: Union[str, List[Dict[str, Any]]]
+    tools: Optional[List[Dict[str, Any]]] = None
+    tool_choice: Optional[Union[str, Dict[str, Any]]] = "auto"
+    logprobs: Optional[bool] = False
+    top_logprobs: Optional[int] = None
+    logit_bias: Optional[Dict[str, float]] = None
+    max_tokens: Optional[int] = Field(default=None, description="None: what session_len leaves")
+    response_format: Optional[Dict[str, Any]] = None
+    min_new_tokens: Optional[int] = None
+
+
+class CompletionRequest(_OpenAIRequest):
     """``POST /v1/completions``: raw prompts (str, list of str, token ids or lists of them), no template."""
 
-    model: str
     prompt: Union[str, List[str], List[int], List[List[int]]]
     suffix: Optional[str] = None
-    temperature: Optional[float] = 0.7
-    n: Optional[int] = 1
     logprobs: Optional[int] = None
     max_tokens: Optional[int] = Field(default=16, description="0 or null: 512")
-    max_completion_tokens: Optional[int] = None
-    stop: Stop = None
-    stream: Optional[bool] = False
-    stream_options: Optional[StreamOptions] = None
-    top_p: Optional[float] = 1.0
     echo: Optional[bool] = False
-    presence_penalty: Optional[float] = 0.0
-    frequency_penalty: Optional[float] = 0.0
-    user: Optional[str] = None
-    repetition_penalty: Optional[float] = 1.0
-    session_id: Optional[int] = -1
-    ignore_eos: Optional[bool] = False
-    skip_special_tokens: Optional[bool] = True
-    top_k: Optional[int] = 40
-    min_p: Optional[float] = 0.0
-    seed: Optional[int] = None
     # lmwrap extension (lmwrap.LMDeployClient): a raw-prompt turn of a session kept in the engine. Either set:
     # one prompt, session_id >= 0; sequence_start=False continues the session's KV cache (400 if it holds
     # none), sequence_end=False keeps it for the next call. Unset: a one-off request, as lmdeploy.
