@@ -111,6 +111,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         self._unsent: Deque[_Unsent] = deque()
+        self._next_expiry_check = 0.0
         # On CPU the model step is synchronous: overlapping would only delay every delta by a step.
         self.overlap_outputs = self.runner.device.type == "cuda"
 
@@ -348,9 +349,11 @@ class LLMEngine:
     def expire_idle_sessions(self) -> None:
         """End kept sessions idle for longer than ``session_idle_timeout`` seconds."""
         timeout = self.config.session_idle_timeout
-        if timeout is None:
+        now = time.monotonic()
+        if timeout is None or now < self._next_expiry_check:
             return
-        deadline = time.monotonic() - timeout
+        self._next_expiry_check = now + min(1.0, timeout)  # called every step: look at most once a second
+        deadline = now - timeout
         for last_active, session_id in self._idle_sessions():
             if last_active > deadline:
                 break
