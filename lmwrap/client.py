@@ -108,6 +108,38 @@ class LMDeployClient(BaseLLM):
             self._check_finish(choice.get('finish_reason'), bool(choice.get('text')), gen_params)
         return [choice.get('text', '') for choice in choices]
 
+    # -- OpenAI chat with tools --------------------------------------------------------------------
+
+    def chat_completion(self, messages: List[dict], tools: Optional[List[dict]] = None, tool_choice=None,
+                        parallel_tool_calls: Optional[bool] = None, response_format: Optional[dict] = None,
+                        **gen_params) -> Dict[str, Any]:
+        """One reply to OpenAI ``messages`` through ``POST /v1/chat/completions`` (the server's chat template,
+        not the meta template), passing ``tools`` / ``tool_choice`` (``'auto'``, ``'none'``,
+        ``'required'`` or ``{"type": "function", "function": {"name": ...}}``) / ``parallel_tool_calls`` /
+        ``response_format`` through. Returns the reply message (``role``, ``content``, ``tool_calls``:
+        OpenAI's, with ``function.arguments`` a JSON string, or None) with its ``finish_reason``
+        (``'tool_calls'`` when it calls tools). Feed tool results back as ``{"role": "tool",
+        "tool_call_id": ..., "content": ...}`` messages after the assistant message."""
+        params = self._gen_params(gen_params)
+        body = dict(model=self._model(), messages=messages, max_tokens=params['max_new_tokens'],
+                    temperature=params['temperature'], top_p=params['top_p'], top_k=params['top_k'],
+                    repetition_penalty=params['repetition_penalty'], stop=params['stop_words'] or None,
+                    ignore_eos=bool(params.get('ignore_eos', False)), stream=False)
+        for name in ('seed', 'min_new_tokens', 'min_p', 'skip_special_tokens'):
+            if params.get(name) is not None:
+                body[name] = params[name]
+        extra = dict(tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
+                     response_format=response_format)
+        body.update({k: v for k, v in extra.items() if v is not None})
+        response = self._post('/v1/chat/completions', body, params.get('timeout', self.timeout), stream=False)
+        with response:
+            reply = _json(response)
+        choices = reply.get('choices') or ()
+        if not choices or not isinstance(choices[0].get('message'), dict):
+            raise LLMError(f'the api_server sent a reply without a message: {reply}')
+        self._check_finish(choices[0].get('finish_reason'), True, params)
+        return {**choices[0]['message'], 'finish_reason': choices[0].get('finish_reason')}
+
     # -- sessions ---------------------------------------------------------------------------------
 
     def end_session(self, session_id: int) -> None:
@@ -240,6 +272,11 @@ class LMDeployClient(BaseLLM):
 class AsyncLMDeployClient(AsyncBaseLLM, LMDeployClient):
     """``LMDeployClient`` with ``async generate`` / ``chat`` and async-iterator ``stream_generate`` /
     ``stream_chat`` (lagent 0.5's ``AsyncLMDeployClient``); requests run in worker threads."""
+
+    async def chat_completion(self, messages: List[dict], **kwargs) -> Dict[str, Any]:
+        """``LMDeployClient.chat_completion`` in a worker thread."""
+        import asyncio
+        return await asyncio.to_thread(LMDeployClient.chat_completion, self, messages, **kwargs)
 
 
 def _sse_chunks(response: requests.Response) -> Iterator[dict]:

@@ -13,7 +13,7 @@ logger = logging.getLogger('lmwrap')
 _EXTRA_GEN_PARAMS = (
     'do_preprocess', 'do_sample', 'skip_special_tokens', 'ignore_eos', 'random_seed', 'min_new_tokens', 'min_p',
     'bad_words', 'stop_token_ids', 'bad_token_ids', 'logprobs', 'logits_processors', 'include_stop_str_in_output',
-    'spaces_between_special_tokens',
+    'spaces_between_special_tokens', 'response_format',
 )
 
 

@@ -137,7 +137,8 @@ class AsyncEngine:
         max_new = gen_config.max_new_tokens
         if max_new is None:  # the engine clips it to what session_len leaves
             max_new = max(0, self.session_len - num_tokens)
-        return SamplingParams.from_generation_config(gen_config, self.tokenizer, self.eos_token_ids, max_new)
+        return SamplingParams.from_generation_config(gen_config, self.tokenizer, self.eos_token_ids, max_new,
+                                                     vocab_size=self.vocab_size)
 
     def submit(self, session_id: int, input_ids: List[int], params: SamplingParams,
                emit: Callable[[RequestOutput], None], sequence_start: bool = True, sequence_end: bool = True,
@@ -179,9 +180,13 @@ class AsyncEngine:
         stream = self._open_stream(asyncio.get_running_loop())
         if session_id is None:
             session_id = self.new_session_id()
-        if input_ids is None:  # templating and tokenising are CPU work: keep them off the event loop
+        # Templating, tokenising and compiling a response_format grammar are CPU work: off the event loop.
+        if input_ids is None:
             input_ids = await asyncio.to_thread(self.encode_prompt, messages, sequence_start, do_preprocess, tools)
-        params = self.sampling_params(gen_config, step + len(input_ids))
+        if gen_config is not None and getattr(gen_config, "response_format", None):
+            params = await asyncio.to_thread(self.sampling_params, gen_config, step + len(input_ids))
+        else:
+            params = self.sampling_params(gen_config, step + len(input_ids))
         self.submit(session_id, list(input_ids), params, stream.add(session_id), sequence_start, sequence_end, step)
         total = Accumulated()
         try:

@@ -18,6 +18,11 @@ transformers runs the first ``--hf-num-requests`` requests (default all) in padd
 each batch generating up to its longest requested output; only requested tokens are counted for
 either side, so the ratio is output tok/s against output tok/s.
 
+``--response-format json`` constrains every request with a small JSON schema (``BENCH_SCHEMA``: a
+list of at least 1000 items, so no request's JSON can be complete, and end it, before its output
+length) to compare tok/s with and without structured output on the same workload, token for
+token: run it once with and once without.
+
 ``--random-weights SHAPE`` benchmarks a model of a real shape (e.g. ``llama-3.1-8b``) without its
 weights: a config-and-tokenizer folder is written under ``$LMWRAP_CACHE/dummy`` (default
 ``~/.cache/lmwrap/dummy``), our engine fills the weights at random (``load_format="dummy"``) and
@@ -38,6 +43,12 @@ DATASETS = ("uniform", "sharegpt-like")
 DEFAULT_LENGTHS = {"uniform": ((32, 512), (16, 256)), "sharegpt-like": ((4, 1024), (4, 1024))}
 SHAREGPT_INPUT_LOGNORMAL = (4.8, 1.2)    # (mu, sigma) of the prompt length
 SHAREGPT_OUTPUT_LOGNORMAL = (4.95, 0.85)  # (mu, sigma) of the output length
+BENCH_ITEM = {"type": "object", "required": ["name", "qty", "tags"], "properties": {
+    "name": {"type": "string"}, "qty": {"type": "integer", "minimum": 0},
+    "tags": {"type": "array", "items": {"enum": ["new", "used", "spare"]}}}}
+BENCH_SCHEMA = {"type": "object", "required": ["items"],
+                "properties": {"items": {"type": "array", "minItems": 1000, "items": BENCH_ITEM}}}
+RESPONSE_FORMATS = {"json": {"type": "json_schema", "json_schema": {"name": "bench", "schema": BENCH_SCHEMA}}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                         help="the engine's prefix cache (default on; this workload reuses nothing, so "
                              "--no-enable-prefix-caching measures the cache's overhead)")
+    parser.add_argument("--response-format", default=None, choices=sorted(RESPONSE_FORMATS),
+                        help="constrain every request (json: a small JSON schema) to measure structured output")
 
 
 def _sharegpt_like_length(rng: random.Random, mu_sigma, bounds) -> int:
@@ -110,13 +123,15 @@ def _plain_vocab(tokenizer) -> List[int]:
     return [i for i in range(len(tokenizer)) if i not in special]
 
 
-def run_engine(pipe, workload) -> Tuple[float, int]:
+def run_engine(pipe, workload, response_format=None, finish_reasons=None) -> Tuple[float, int]:
+    """Seconds and output tokens of the whole workload; ``finish_reasons`` (a dict) counts them."""
     from .config import GenerationConfig
     engine = pipe
     done: "queue.SimpleQueue" = queue.SimpleQueue()
     start = time.perf_counter()
     for ids, out_len in workload:
-        params = engine.sampling_params(GenerationConfig(max_new_tokens=out_len, ignore_eos=True), len(ids))
+        gen = GenerationConfig(max_new_tokens=out_len, ignore_eos=True, response_format=response_format)
+        params = engine.sampling_params(gen, len(ids))
         engine.submit(engine.new_session_id(), ids, params,
                       lambda out: done.put(out) if out.finish_reason else None)
     tokens = 0
@@ -124,6 +139,8 @@ def run_engine(pipe, workload) -> Tuple[float, int]:
         out = done.get()
         if out.finish_reason == "error":
             raise RuntimeError(out.error)
+        if finish_reasons is not None:
+            finish_reasons[out.finish_reason] = finish_reasons.get(out.finish_reason, 0) + 1
         tokens += out.num_output_tokens
     return time.perf_counter() - start, tokens
 
@@ -212,11 +229,16 @@ def throughput(args) -> None:
     print(f"workload: {len(workload)} requests ({lengths}), {num_in} prompt tokens, "
           f"{sum(o for _, o in workload)} output tokens, EOS ignored; dtype {dtype}, device {device}")
     # Warm-up on other prompts: with the prefix cache on, the timed requests must find nothing cached.
+    response_format = RESPONSE_FORMATS.get(getattr(args, "response_format", None))
     run_engine(pipe, make_workload(_plain_vocab(pipe.tokenizer), 2, input_len, output_len, args.seed + 1,
-                                   args.dataset))
+                                   args.dataset), response_format)  # also compiles the grammar
     print(f"prefix caching: {'on' if args.enable_prefix_caching else 'off'}")
     before = pipe.stats()
-    secs, toks = run_engine(pipe, workload)
+    reasons: dict = {}
+    secs, toks = run_engine(pipe, workload, response_format, reasons)
+    if response_format is not None:
+        print(f"response format: {args.response_format} (a JSON schema on every request); "
+              f"{reasons.get('stop', 0)} of {len(workload)} requests ended by their grammar")
     print(f"lmwrap       : {secs:8.2f} s  {toks / secs:9.1f} output tok/s  {(toks + num_in) / secs:9.1f} total tok/s")
     after = pipe.stats()
     steps = after["num_steps"] - before["num_steps"]

@@ -135,6 +135,8 @@ def _api_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     p.add_argument("--allow-methods", nargs="+", default=["*"], help="CORS allowed methods")
     p.add_argument("--allow-headers", nargs="+", default=["*"], help="CORS allowed headers")
+    p.add_argument("--tool-call-parser", choices=["auto", "internlm2", "hermes", "llama3"], default="auto",
+                   help="format of tool calls in replies to requests with tools (auto: the chat template's)")
     p.add_argument("--max-request-bytes", type=_positive_int, default=8 << 20,
                    help="larger request bodies get 413 before they are parsed (default 8 MiB)")
 
@@ -166,7 +168,7 @@ def cmd_api_server(args) -> None:
           allow_origins=args.allow_origins, allow_credentials=args.allow_credentials,
           allow_methods=args.allow_methods, allow_headers=args.allow_headers, log_level=args.log_level,
           api_keys=keys, max_log_len=args.max_log_len, disable_fastapi_docs=args.disable_fastapi_docs,
-          max_request_bytes=args.max_request_bytes)
+          max_request_bytes=args.max_request_bytes, tool_call_parser=args.tool_call_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

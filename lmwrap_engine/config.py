@@ -32,6 +32,14 @@ class GenerationConfig:
     greedy decoding (lmdeploy resets top_k/top_p/temperature/repetition_penalty then).
     ``random_seed`` gives each request its own generator, so its samples do not depend on what
     else is in the batch.
+
+    ``response_format`` constrains the output with a grammar (lmdeploy's types):
+    ``{"type": "json_object"}``, ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}``
+    or ``{"type": "regex_schema", "regex_schema": "..."}`` (``{"type": "text"}``: no constraint). The
+    turn ends with finish_reason 'stop' once the grammar is complete (JSON schemas give compact JSON).
+    Bad words and ``min_new_tokens`` yield to the grammar where they would leave it no token; stop
+    words still apply (one met inside the JSON cuts it). A malformed format raises ValueError here;
+    a schema that cannot be compiled, when the request is made.
     """
 
     n: int = 1
@@ -61,7 +69,8 @@ class GenerationConfig:
         if self.n != 1:
             raise NotImplementedError("GenerationConfig.n > 1 is not supported yet; send the prompt n times")
         if self.response_format is not None:
-            raise NotImplementedError("GenerationConfig.response_format (structured output) is not supported yet")
+            from .guided.response_format import check_response_format
+            check_response_format(self.response_format)
         if self.max_new_tokens is not None:
             _check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 0, "max_new_tokens",
                    f"must be an int >= 0 or None, got {self.max_new_tokens!r}")

@@ -100,7 +100,8 @@ CHAT_CASES = [
     ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
     ({"session_id": -7}, "session_id"),
     ({"session_id": "abc"}, "session_id"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "regex_schema", "regex_schema": "("}}, "response_format"),
     ({"min_p": 2}, "min_p"),
 ]
 

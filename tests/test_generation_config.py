@@ -64,9 +64,24 @@ def test_n_above_one_is_not_implemented():
         GenerationConfig(n=2)
 
 
-def test_response_format_is_not_implemented():
-    with pytest.raises(NotImplementedError, match="response_format"):
-        GenerationConfig(response_format={"type": "json_object"})
+@pytest.mark.parametrize("fmt", [
+    {"type": "json_object"}, {"type": "text"}, {"type": "regex_schema", "regex_schema": r"\d+"},
+    {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+    {"type": "json_schema", "json_schema": {"schema": '{"type": "integer"}'}},
+])
+def test_response_format_accepted(fmt):
+    assert GenerationConfig(response_format=fmt).response_format == fmt
+
+
+@pytest.mark.parametrize("fmt", [
+    "json", {"type": "yaml"}, {}, {"type": "json_schema"}, {"type": "json_schema", "json_schema": {"name": "x"}},
+    {"type": "json_schema", "json_schema": {"schema": "{not json"}},
+    {"type": "json_schema", "json_schema": {"name": 3, "schema": {}}},
+    {"type": "regex_schema"}, {"type": "regex_schema", "regex_schema": ""},
+])
+def test_malformed_response_format_raises_value_error(fmt):
+    with pytest.raises(ValueError, match="response_format"):
+        GenerationConfig(response_format=fmt)
 
 
 def test_single_stop_word_and_id_become_lists():

@@ -156,8 +156,13 @@ class LLMEngine:
         params = req.params if max_new == req.params.max_new_tokens else _with_max_new(req.params, max_new)
         prompt_ids = seq.token_ids + req.input_ids
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params)
+        matcher = None
+        if params.grammar is not None:
+            from ..guided import new_matcher
+            matcher = new_matcher(params.grammar, params.stop_token_ids)
         seq.start_turn(req.input_ids, params, req.emit, next(self._arrivals), keep_session=not req.sequence_end,
-                       generator=make_generator(params.seed, self.runner.device), detokenizer=detok)
+                       generator=make_generator(params.seed, self.runner.device), detokenizer=detok,
+                       matcher=matcher)
         if max_new == 0:
             return self._finish(seq, "length")
         # At least one token must run so the turn ends with fresh logits.
@@ -276,11 +281,23 @@ class LLMEngine:
         finish_reason = None
         if token_id in params.stop_token_ids:
             finish_reason = "stop"
+        elif seq.matcher is not None and self._grammar_ends(seq, token_id):
+            finish_reason = "stop"  # the grammar ended on its own stop token (the request has none)
         elif seq.num_output_tokens >= params.max_new_tokens:
             finish_reason = "length"
         if finish_reason:
             self.scheduler.remove(seq)  # runs no more; _finish completes the turn once its text is out
         self._unsent.append(_Unsent(seq, token_id, logprobs, finish_reason))
+
+    @staticmethod
+    def _grammar_ends(seq: Sequence, token_id: int) -> bool:
+        """Feeds a sampled token to the turn's grammar matcher (output tokens only, once each, so a
+        preempted and recomputed sequence keeps its matcher as it is); True when the grammar is done."""
+        if not seq.matcher.accept_token(token_id):  # the sampler's mask makes this unreachable
+            logger.warning("session %d: token %d breaks its response_format; the turn ends", seq.session_id,
+                           token_id)
+            return True
+        return seq.matcher.is_terminated()
 
     def flush_outputs(self) -> None:
         """Text and deltas of the tokens appended so far; ends the turns they finish."""

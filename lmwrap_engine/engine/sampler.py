@@ -16,6 +16,8 @@ class SampleRow(Protocol):
     token_ids: List[int]        # prompt (and history) + generated so far
     num_output_tokens: int
     generator: Optional[torch.Generator]
+    # Optional: the request's xgrammar matcher when it has a response_format (rows may lack the attribute).
+    matcher: object
 
 
 @dataclass
@@ -38,23 +40,33 @@ class Sampler:
     """Chooses one token per row of ``logits`` [rows, vocab].
 
     Order (transformers'): logits processors -> repetition penalty -> bad ids / bad words ->
-    ``min_new_tokens`` (stop ids masked) -> argmax for greedy rows, else temperature -> top-k ->
-    top-p -> min-p -> a draw with one uniform number from the row's generator (the global RNG
+    ``min_new_tokens`` (stop ids masked) -> the grammar mask of rows with a ``matcher`` (it wins
+    over the bans where they leave it nothing) -> argmax for greedy rows, else temperature ->
+    top-k -> top-p -> min-p -> a draw with one uniform number from the row's generator (the global RNG
     when it has none), so a seeded row samples the same whatever else is in the batch.
     Logprobs come from the raw logits. ``logits`` may be modified in place. The host waits for
     the device once, to read the result.
     """
 
+    # Inference mode: the model's logits are inference tensors, and fp32 ones are processed in place.
+    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> SamplerOutput:
         vocab_size = logits.shape[-1]
         banned = _banned_tokens(rows, vocab_size)
-        if not banned and all(r.params.is_plain_greedy for r in rows):
+        guided = [i for i, r in enumerate(rows) if getattr(r, "matcher", None) is not None]
+        if not banned and not guided and all(r.params.is_plain_greedy for r in rows):
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
 
         scores = logits.float()
         wants_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         logprobs = _select(scores, wants_logprobs, len(rows)).log_softmax(dim=-1) if wants_logprobs else None
         process_logits(scores, rows, banned)
+        if guided:
+            from ..guided import apply_grammar_masks
+            # Rows whose bans or processors may leave no token the grammar allows.
+            conflicts = {r for r, _ in banned} | {i for i in guided if rows[i].params.logits_processors}
+            scores = apply_grammar_masks(scores, [rows[i].matcher for i in guided], guided,
+                                         [i for i in guided if i in conflicts])
         token_ids = _choose(scores, rows)
 
         if logprobs is None:

@@ -1,8 +1,8 @@
 """Per-request sampling and stopping settings, resolved to token ids once when the request arrives."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, List, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 
 @dataclass(frozen=True)
@@ -37,17 +37,24 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logprobs: int | None = None
     logits_processors: tuple = ()
+    # The compiled response_format (a lmwrap_engine.guided Grammar, shared and read-only), or None.
+    grammar: Any = field(default=None, compare=False)
 
     @property
     def is_plain_greedy(self) -> bool:
         """Greedy with nothing that changes the logits: the sampler may just take the argmax."""
         return (self.greedy and self.repetition_penalty == 1.0 and not self.bad_token_ids
-                and not self.bad_words_ids and not self.logits_processors and self.logprobs is None)
+                and not self.bad_words_ids and not self.logits_processors and self.logprobs is None
+                and self.grammar is None)
 
     @classmethod
     def from_generation_config(cls, gen_config, tokenizer, eos_token_ids: List[int],
-                               max_new_tokens: int) -> "SamplingParams":
+                               max_new_tokens: int, vocab_size: Optional[int] = None) -> "SamplingParams":
         """Resolve a public ``GenerationConfig`` against ``tokenizer``.
+
+        A ``response_format`` is compiled here (cached), for logits ``vocab_size`` wide (default:
+        the tokenizer's size), so a schema that cannot be compiled raises ValueError before the
+        request is queued.
 
         ``max_new_tokens`` is the engine's resolved budget (``gen_config.max_new_tokens`` may be None).
         Stop words that encode to a single token also become stop ids, since special tokens such as
@@ -69,6 +76,11 @@ class SamplingParams:
                 bad_ids.append(ids[0])
             elif ids:
                 bad_words_ids.append(tuple(ids))
+
+        grammar = None
+        if gen_config.response_format is not None:
+            from ..guided import compile_response_format
+            grammar = compile_response_format(tokenizer, vocab_size or len(tokenizer), gen_config.response_format)
 
         greedy = gen_config.is_greedy
         return cls(
@@ -92,6 +104,7 @@ class SamplingParams:
             spaces_between_special_tokens=gen_config.spaces_between_special_tokens,
             logprobs=gen_config.logprobs,
             logits_processors=tuple(gen_config.logits_processors or ()),
+            grammar=grammar,
         )
 
 

@@ -40,12 +40,13 @@ class Sequence:
         self.output_ids: List[int] = []
         self.num_output_tokens = 0
         self.generator = None
+        self.matcher = None  # xgrammar matcher of a response_format: advances only on sampled tokens
         self.detokenizer = None
         self.emit: Optional[Callable] = None
         self.finish_reason: Optional[str] = None
 
     def start_turn(self, input_ids: List[int], params: SamplingParams, emit: Callable, arrival: int,
-                   keep_session: bool, generator=None, detokenizer=None) -> None:
+                   keep_session: bool, generator=None, detokenizer=None, matcher=None) -> None:
         self.num_history_tokens = len(self.token_ids)
         self.token_ids.extend(input_ids)
         self.num_input_tokens = len(input_ids)
@@ -53,6 +54,7 @@ class Sequence:
         self.output_ids = []
         self.num_output_tokens = 0
         self.generator = generator
+        self.matcher = matcher
         self.detokenizer = detokenizer
         self.emit = emit
         self.arrival = arrival

@@ -39,9 +39,10 @@ def serve(model_path: Optional[str] = None, model_name: Optional[str] = None, ba
           server_port: int = 23333, allow_origins=("*",), allow_credentials: bool = True, allow_methods=("*",),
           allow_headers=("*",), log_level: str = "WARNING", api_keys=None, max_log_len: Optional[int] = None,
           disable_fastapi_docs: bool = False, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-          graceful_timeout_s: float = 10.0) -> None:
+          graceful_timeout_s: float = 10.0, tool_call_parser: Optional[str] = "auto") -> None:
     """Loads the model and serves it until SIGTERM/SIGINT (then in-flight requests are aborted, the
-    engine closed, and this returns). ``api_keys``: a str (comma-separated) or a list of keys."""
+    engine closed, and this returns). ``api_keys``: a str (comma-separated) or a list of keys.
+    ``tool_call_parser``: ``'auto'`` (from the chat template), ``'internlm2'``, ``'hermes'`` or ``'llama3'``."""
     import uvicorn
 
     from ...async_engine import AsyncEngine
@@ -59,7 +60,7 @@ def serve(model_path: Optional[str] = None, model_name: Optional[str] = None, ba
         sock.close()
         raise
     app = create_app(engine, [engine.model_name], api_keys, allow_origins, allow_credentials, allow_methods,
-                     allow_headers, disable_fastapi_docs, max_request_bytes)
+                     allow_headers, disable_fastapi_docs, max_request_bytes, tool_call_parser)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, log_level=log_level.lower(), timeout_graceful_shutdown=graceful_timeout_s,
                             access_log=log_level.upper() in ("DEBUG", "INFO"))

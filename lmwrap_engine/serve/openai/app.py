@@ -14,6 +14,7 @@ from . import routes_lmdeploy, routes_openai
 from .context import ServerContext, server_context
 from .errors import INVALID_API_KEY, HTTPGuard, install_error_handlers
 from .metrics import ServerMetrics
+from .tool_parsers import get_tool_parser
 
 DEFAULT_MAX_REQUEST_BYTES = 8 << 20
 
@@ -51,14 +52,17 @@ async def metrics_route(ctx: ServerContext = Depends(server_context)) -> Respons
 def create_app(engine, model_names: Optional[Sequence[str]] = None, api_keys: Optional[Sequence[str]] = None,
                allow_origins: Sequence[str] = ("*",), allow_credentials: bool = True,
                allow_methods: Sequence[str] = ("*",), allow_headers: Sequence[str] = ("*",),
-               disable_fastapi_docs: bool = False, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+               disable_fastapi_docs: bool = False, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               tool_call_parser: Optional[str] = "auto") -> FastAPI:
     """The api_server app over ``engine`` (an ``AsyncEngine``), serving it as ``model_names``
     (default: ``engine.model_name``). ``api_keys``: Bearer keys every route but ``/health`` and
-    ``/metrics`` requires. ``begin_shutdown(app.state.ctx)`` aborts the in-flight requests."""
+    ``/metrics`` requires. ``tool_call_parser``: the tool-call format of replies (``'auto'``: the chat
+    template's; see ``tool_parsers.py``). ``begin_shutdown(app.state.ctx)`` aborts the in-flight requests."""
     app = FastAPI(title="lmwrap api_server", docs_url=None if disable_fastapi_docs else "/docs",
                   redoc_url=None, openapi_url=None if disable_fastapi_docs else "/openapi.json")
     metrics = ServerMetrics()
     app.state.ctx = ServerContext(engine, model_names or [engine.model_name], metrics)
+    app.state.ctx.tool_parser = get_tool_parser(tool_call_parser, engine.chat_template)
     app.state.api_keys = {k for k in (api_keys or []) if k}
     install_error_handlers(app)
     app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_credentials=allow_credentials,

@@ -67,6 +67,7 @@ class ServerContext:
         # kept sessions whose last reply was cut before its stop word (the next turn writes it first)
         self.cut_turns: set = set()
         self.draining = False
+        self.tool_parser = None  # the ToolParser of replies to requests with tools (set by create_app)
         self._ids = itertools.count(SERVER_SESSION_BASE)
 
     # -- checks -------------------------------------------------------------------------------
@@ -117,6 +118,19 @@ class ServerContext:
             raise APIError(HTTPStatus.BAD_REQUEST, f"Invalid {param}: {exc}", param) from None
         return self.check_ids(ids, param)
 
+    async def check_grammar(self, gen: GenerationConfig, param: str = "response_format") -> None:
+        """Compiles (and caches, for the engine) the grammar of ``gen.response_format`` off the event loop;
+        a format the grammar compiler refuses is a 400 naming the problem."""
+        if gen.response_format is None:
+            return
+        from ...guided import compile_response_format
+        try:
+            await asyncio.to_thread(compile_response_format, self.engine.tokenizer, self.engine.vocab_size,
+                                    gen.response_format)
+        except ValueError as exc:
+            message = f"a function's parameters cannot be enforced: {exc}" if param == "tools" else str(exc)
+            raise APIError(HTTPStatus.BAD_REQUEST, message, param) from None
+
     def check_ids(self, ids: List[int], param: str) -> List[int]:
         if not ids:
             raise APIError(HTTPStatus.BAD_REQUEST, f"The prompt (`{param}`) is empty.", param)
@@ -153,6 +167,10 @@ class ServerContext:
                     self.metrics.observe_finished(route, out.finish_reason, out.input_token_len,
                                                   out.generate_token_len, now - arrival)
                 yield out
+        except ValueError as exc:  # the engine refused the request's settings before running it
+            finished = True
+            self.metrics.observe_finished(route, "error", len(job.input_ids), 0, time.perf_counter() - arrival)
+            yield GenOut(str(exc), 0, len(job.input_ids), 0, "error")
         except RuntimeError as exc:  # the engine closed under us (shutdown)
             finished = True
             self.metrics.observe_finished(route, "error", len(job.input_ids), generated,

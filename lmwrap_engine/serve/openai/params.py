@@ -64,3 +64,27 @@ def check_n(n: Optional[int]) -> int:
 def seeded(gen: GenerationConfig, i: int) -> GenerationConfig:
     """Choice ``i`` of ``n`` samples with its own seed (choice 0 keeps the request's)."""
     return gen if i == 0 or gen.random_seed is None else replace(gen, random_seed=gen.random_seed + i)
+
+
+RESPONSE_FORMATS = ("text", "json_object", "json_schema", "regex_schema")
+
+
+def response_format(body) -> Optional[dict]:
+    """The request's ``response_format`` for ``GenerationConfig`` (None for none or ``text``); a malformed
+    one is a 400 (a schema the grammar compiler refuses is refused by the engine, also as a 400)."""
+    rf = body.response_format
+    if rf is None:
+        return None
+    kind = rf.get("type")
+    if kind not in RESPONSE_FORMATS:
+        raise APIError(HTTPStatus.BAD_REQUEST, f"response_format.type must be one of {list(RESPONSE_FORMATS)}, "
+                       f"got {kind!r}.", "response_format")
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+            raise APIError(HTTPStatus.BAD_REQUEST, "response_format.json_schema must be an object with a "
+                           "'schema' (a JSON schema object).", "response_format")
+    if kind == "regex_schema" and (not isinstance(rf.get("regex_schema"), str) or not rf["regex_schema"]):
+        raise APIError(HTTPStatus.BAD_REQUEST, "response_format.regex_schema must be a non-empty string "
+                       "(a regular expression).", "response_format")
+    return None if kind == "text" else dict(rf)

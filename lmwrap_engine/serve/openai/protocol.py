@@ -43,6 +43,9 @@ class _OpenAIRequest(BaseModel):
     top_k: Optional[int] = 40
     min_p: Optional[float] = 0.0
     seed: Optional[int] = None
+    # {"type": "json_schema", "json_schema": {"name", "schema"}} | {"type": "json_object"} |
+    # {"type": "regex_schema", "regex_schema": "..."} | {"type": "text"}
+    response_format: Optional[Dict[str, Any]] = None
 
 
 class ChatCompletionRequest(_OpenAIRequest):
@@ -51,11 +54,11 @@ class ChatCompletionRequest(_OpenAIRequest):
     messages: Union[str, List[Dict[str, Any]]]
     tools: Optional[List[Dict[str, Any]]] = None
     tool_choice: Optional[Union[str, Dict[str, Any]]] = "auto"
+    parallel_tool_calls: Optional[bool] = None
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = None
     logit_bias: Optional[Dict[str, float]] = None
     max_tokens: Optional[int] = Field(default=None, description="None: what session_len leaves")
-    response_format: Optional[Dict[str, Any]] = None
     min_new_tokens: Optional[int] = None
 
 

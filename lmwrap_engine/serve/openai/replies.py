@@ -47,12 +47,13 @@ def ndjson_error(exc: Exception) -> str:
 
 
 async def reply(ctx: ServerContext, jobs: List[Job], route: str, arrival: float, request: Request, *,
-                stream: bool, chunk: Callable[[int, GenOut, Choice], dict], final: Callable[[List[Choice]], dict],
+                stream: bool, chunk: Callable[[int, GenOut, Choice], object], final: Callable[[List[Choice]], dict],
                 on_done: Callable[[List[Choice]], None], last: Optional[Callable[[List[Choice]], dict]] = None,
                 ndjson: bool = False):
     """``final(choices)`` once every job finished or, with ``stream``, a stream of ``chunk(i, delta, choice)``
-    per delta (``choice``: job ``i``'s output so far, the delta included), then ``last(choices)``. SSE
-    streams end with ``[DONE]``, NDJSON ones (``ndjson``) without. ``on_done(choices)`` runs once it ends."""
+    (a dict, or a list of them) per delta (``choice``: job ``i``'s output so far, the delta included), then
+    ``last(choices)``. SSE streams end with ``[DONE]``, NDJSON ones (``ndjson``) without.
+    ``on_done(choices)`` runs once it ends."""
     choices = [Choice() for _ in jobs]
     if not stream:
         try:
@@ -70,7 +71,9 @@ async def reply(ctx: ServerContext, jobs: List[Job], route: str, arrival: float,
                 choices[i].add(out)
                 if out.finish_reason == "error":
                     raise_engine_error(out, ctx.draining)
-                yield line(chunk(i, out, choices[i]))
+                data = chunk(i, out, choices[i])
+                for item in data if isinstance(data, list) else [data]:
+                    yield line(item)
             if last is not None:
                 yield line(last(choices))
         except Exception as exc:

@@ -11,10 +11,14 @@ from fastapi import APIRouter, Depends, Request
 from ...config import GenOut
 from .context import SERVER_SESSION_BASE, Choice, Job, ServerContext, server_context
 from .errors import APIError
-from .params import check_n, gen_config, sampling_kwargs, seeded, stop_words
+from .params import check_n, gen_config, response_format, sampling_kwargs, seeded, stop_words
 from .protocol import ChatCompletionRequest, CompletionRequest, chat_logprobs, completion_logprobs, \
     flatten_messages, usage
 from .replies import reply
+from .tool_parsers import ToolCallStream
+from .tools import plan_tools
+
+SPECIAL_TOKEN_PARSERS = ("internlm2", "llama3")
 
 router = APIRouter()
 
@@ -42,39 +46,81 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     ctx.check_open()
     ctx.check_model(body.model)
     n = check_n(body.n)
-    if body.response_format is not None and body.response_format.get("type", "text") != "text":
-        raise APIError(HTTPStatus.BAD_REQUEST, "response_format is not supported yet.", "response_format")
+    rf = response_format(body)
     top = body.top_logprobs or 0
     if not 0 <= top <= 20:
         raise APIError(HTTPStatus.BAD_REQUEST, "top_logprobs must be in [0, 20].", "top_logprobs")
+    messages = flatten_messages(body.messages)
+    plan = plan_tools(body, messages, ctx.engine.chat_template, ctx.tool_parser)
+    if plan is not None and plan.enforced and rf is not None:
+        raise APIError(HTTPStatus.BAD_REQUEST, "response_format cannot be combined with a tool_choice that "
+                       "forces a call ('required' or a named function).", "response_format")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     names = {"max_new_tokens": "max_completion_tokens" if body.max_completion_tokens is not None
              else "max_tokens", "logprobs": "top_logprobs"}
+    sampling = sampling_kwargs(body, 0.7)
+    if plan is not None and plan.parser.name in SPECIAL_TOKEN_PARSERS:
+        sampling["skip_special_tokens"] = False  # their call markers are special tokens
     gen = gen_config(names, max_new_tokens=max_tokens, min_new_tokens=body.min_new_tokens,
                      stop_words=stop_words(body, ctx.engine.chat_template.stop_words),
-                     logprobs=top if body.logprobs else None, **sampling_kwargs(body, 0.7))
-    messages = flatten_messages(body.messages)
+                     logprobs=top if body.logprobs else None,
+                     response_format=plan.response_format if plan is not None else rf, **sampling)
+    await ctx.check_grammar(gen, "tools" if plan is not None and plan.enforced else "response_format")
     sids = ctx.session_ids(body.session_id, n)
     release = ctx.acquire(sids)
     try:
         await ctx.check_not_kept(sids[0])
-        ids = await ctx.encode(messages, "messages", do_preprocess=not isinstance(messages, str), tools=body.tools)
+        if plan is not None:
+            ids = await ctx.encode(plan.messages, "messages", do_preprocess=True, tools=plan.tools)
+        else:
+            ids = await ctx.encode(messages, "messages", do_preprocess=not isinstance(messages, str))
         jobs = [Job(sid, ids, seeded(gen, i)) for i, sid in enumerate(sids)]
     except BaseException:
         release()
         raise
     tokenizer = ctx.engine.tokenizer
+    streams = [ToolCallStream(plan.parser, plan.enforced) for _ in jobs] if plan is not None else None
 
     def logprobs(token_ids, lps):
         return chat_logprobs(tokenizer, token_ids, lps, top) if body.logprobs else None
 
-    def delta(i: int, out: GenOut, c: Choice) -> dict:
-        return {"index": i, "delta": {"role": "assistant", "content": out.response},
-                "logprobs": logprobs(out.token_ids, out.logprobs or []), "finish_reason": out.finish_reason}
+    def delta(i: int, out: GenOut, c: Choice):
+        lps = logprobs(out.token_ids, out.logprobs or [])
+        if streams is None:
+            return {"index": i, "delta": {"role": "assistant", "content": out.response}, "logprobs": lps,
+                    "finish_reason": out.finish_reason}
+        content = streams[i].feed(out.response)
+        if out.finish_reason is None:
+            return {"index": i, "delta": {"role": "assistant", "content": content}, "logprobs": lps,
+                    "finish_reason": None}
+        tail, calls = streams[i].finish()
+        calls = calls if plan.parallel else calls[:1]
+        pieces = [{"index": i, "delta": {"role": "assistant", "content": content + tail}, "logprobs": lps,
+                   "finish_reason": None}]
+        for k, call in enumerate(calls):
+            whole_call = call.to_openai()
+            pieces.append({"index": i, "delta": {"tool_calls": [
+                {"index": k, "id": whole_call["id"], "type": "function",
+                 "function": {"name": call.name, "arguments": ""}}]}, "logprobs": None, "finish_reason": None})
+            pieces.append({"index": i, "delta": {"tool_calls": [
+                {"index": k, "function": {"arguments": whole_call["function"]["arguments"]}}]},
+                "logprobs": None, "finish_reason": None})
+        pieces.append({"index": i, "delta": {}, "logprobs": None,
+                       "finish_reason": finish_reason(out.finish_reason, calls)})
+        return pieces
 
     def whole(i: int, c: Choice) -> dict:
-        return {"index": i, "message": {"role": "assistant", "content": c.text, "tool_calls": None},
-                "logprobs": logprobs(c.token_ids, c.logprobs), "finish_reason": c.finish_reason}
+        message = {"role": "assistant", "content": c.text, "tool_calls": None}
+        reason = c.finish_reason
+        if plan is not None:
+            content, calls = (plan.parser.parse_payload if plan.enforced else plan.parser.parse)(c.text)
+            calls = calls if plan.parallel else calls[:1]
+            if calls:
+                message = {"role": "assistant", "content": content or None,
+                           "tool_calls": [call.to_openai() for call in calls]}
+                reason = finish_reason(reason, calls)
+        return {"index": i, "message": message, "logprobs": logprobs(c.token_ids, c.logprobs),
+                "finish_reason": reason}
     return await respond(ctx, body, request, "chat", jobs, n, arrival, release,
                          ("chat.completion", "chat.completion.chunk"), delta, whole)
 
@@ -91,7 +137,9 @@ async def completions(body: CompletionRequest, request: Request, ctx: ServerCont
         raise APIError(HTTPStatus.BAD_REQUEST, "logprobs must be in [0, 20].", "logprobs")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else (body.max_tokens or 512)
     gen = gen_config({"logprobs": "logprobs"}, max_new_tokens=max_tokens, logprobs=top,
+                     response_format=response_format(body),
                      stop_words=stop_words(body, ctx.engine.chat_template.stop_words), **sampling_kwargs(body, 0.7))
+    await ctx.check_grammar(gen)
     prompts = body.prompt
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
         prompts = [prompts]
@@ -147,9 +195,14 @@ async def completions(body: CompletionRequest, request: Request, ctx: ServerCont
                          ("text_completion", "text_completion"), delta, whole)
 
 
+def finish_reason(reason, calls) -> str:
+    """``tool_calls`` when the reply parsed into calls and ended normally."""
+    return "tool_calls" if calls and reason in ("stop", "length") else reason
+
+
 async def respond(ctx: ServerContext, body, request: Request, route: str, jobs: List[Job], n: int, arrival: float,
                   release: Callable[[], None], objects: Tuple[str, str],
-                  delta: Callable[[int, GenOut, Choice], dict], whole: Callable[[int, Choice], dict]):
+                  delta: Callable[[int, GenOut, Choice], object], whole: Callable[[int, Choice], dict]):
     """An OpenAI reply: ``objects[0]`` with ``whole(i, choice)`` per job, or (``body.stream``) ``objects[1]``
     chunks of one ``delta(i, out, choice)`` each, then the usage chunk if ``stream_options`` ask for it."""
     rid, created = str(jobs[0].session_id), int(time.time())  # lmdeploy: the id is the session id
@@ -162,8 +215,12 @@ async def respond(ctx: ServerContext, body, request: Request, route: str, jobs: 
         return usage(sum(c.input_tokens for c in choices[::n]), sum(c.generated_tokens for c in choices),
                      sum(c.history_tokens for c in choices[::n]))
 
-    def chunk(i: int, out: GenOut, c: Choice) -> dict:
-        return envelope(objects[1], [delta(i, out, c)], **({"usage": None} if include_usage else {}))
+    def chunk(i: int, out: GenOut, c: Choice):
+        pieces = delta(i, out, c)  # a choice delta, or a list of them (a tool call's deltas)
+        extra = {"usage": None} if include_usage else {}
+        if isinstance(pieces, list):
+            return [envelope(objects[1], [p], **extra) for p in pieces]
+        return envelope(objects[1], [pieces], **extra)
 
     def usage_chunk(choices: List[Choice]) -> dict:
         return envelope(objects[1], [], usage=total(choices))
