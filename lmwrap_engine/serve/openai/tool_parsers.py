@@ -118,39 +118,14 @@ def _arguments(call: dict):
     return args
 
 
-class HermesToolParser(ToolParser):
-    """Hermes / Qwen2.5: ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` (one block per call)."""
+class _BlockToolParser(ToolParser):
+    """Calls as JSON blocks between markers (``_BLOCK`` captures each block's JSON); any block that is
+    not a call makes the whole reply plain text."""
 
-    name = "hermes"
-    markers = ("<tool_call>",)
-    _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
-
-    def parse(self, text):
-        if "<tool_call>" not in text:
-            return text, []
-        calls = []
-        for block in self._BLOCK.findall(text):
-            found = _calls_of_json(block)
-            if not found:
-                return text, []
-            calls += found
-        content = self._BLOCK.sub("", text).strip()
-        return content, calls
-
-    def render(self, calls):
-        return "\n".join(f"<tool_call>\n{_payload(c, 'arguments')}\n</tool_call>" for c in calls)
-
-
-class InternLM2ToolParser(ToolParser):
-    """InternLM2 plugin calls: ``<|action_start|><|plugin|>\\n{"name": ..., "parameters": {...}}<|action_end|>``."""
-
-    name = "internlm2"
-    markers = ("<|action_start|>",)
-    args_key = "parameters"  # lmdeploy reads InternLM2's calls as {"name", "parameters"}
-    _BLOCK = re.compile(r"<\|action_start\|>\s*<\|plugin\|>\s*(.*?)\s*(?:<\|action_end\|>|$)", re.DOTALL)
+    _BLOCK: "re.Pattern"
 
     def parse(self, text):
-        if "<|action_start|>" not in text:
+        if self.markers[0] not in text:
             return text, []
         calls = []
         for block in self._BLOCK.findall(text):
@@ -160,8 +135,27 @@ class InternLM2ToolParser(ToolParser):
             calls += found
         if not calls:
             return text, []
-        content = self._BLOCK.sub("", text).strip()
-        return content, calls
+        return self._BLOCK.sub("", text).strip(), calls
+
+
+class HermesToolParser(_BlockToolParser):
+    """Hermes / Qwen2.5: ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` (one block per call)."""
+
+    name = "hermes"
+    markers = ("<tool_call>",)
+    _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+    def render(self, calls):
+        return "\n".join(f"<tool_call>\n{_payload(c, 'arguments')}\n</tool_call>" for c in calls)
+
+
+class InternLM2ToolParser(_BlockToolParser):
+    """InternLM2 plugin calls: ``<|action_start|><|plugin|>\\n{"name": ..., "parameters": {...}}<|action_end|>``."""
+
+    name = "internlm2"
+    markers = ("<|action_start|>",)
+    args_key = "parameters"  # lmdeploy reads InternLM2's calls as {"name", "parameters"}
+    _BLOCK = re.compile(r"<\|action_start\|>\s*<\|plugin\|>\s*(.*?)\s*(?:<\|action_end\|>|$)", re.DOTALL)
 
     def render(self, calls):
         return "".join(f"<|action_start|><|plugin|>\n{_payload(c, 'parameters')}<|action_end|>" for c in calls)
