@@ -418,6 +418,20 @@ def resolve_meta_template(meta_template: Union[None, str, List[dict]], model: Op
     return get_meta_template(meta_template)
 
 
+def auto_meta_template(*hints: Optional[str]) -> List[dict]:
+    """``meta_template='auto'`` for an adapter: the template of the first hint (a model name, a path, a
+    resolved folder) that names a known one."""
+    from meta_templates import get_meta_template, meta_template_name_for
+
+    candidates = [hint for hint in hints if hint]
+    for candidate in candidates:
+        name = meta_template_name_for(candidate)
+        if name:
+            return get_meta_template(name)
+    raise ValueError(f'meta_template="auto" cannot tell the template of {candidates}; '
+                     'pass meta_template= a template name or a list of role dicts')
+
+
 def _stop_word_list(stop_words) -> Optional[List[str]]:
     if stop_words is None:
         return None

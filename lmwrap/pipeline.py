@@ -4,7 +4,7 @@ import logging
 from dataclasses import fields
 from typing import Any, Dict, Iterator, List, Optional
 
-from .base import AsyncBaseLLM, BaseLLM, Delta, LLMError, ModelStatusCode, Session
+from .base import AsyncBaseLLM, BaseLLM, Delta, LLMError, ModelStatusCode, Session, auto_meta_template
 from .prompt import LMTemplateParser
 
 logger = logging.getLogger('lmwrap')
@@ -44,6 +44,7 @@ class LMDeployPipeline(BaseLLM):
     def __init__(self, path: Optional[str] = None, model_name: Optional[str] = None, tp: int = 1,
                  pipeline_cfg=dict(), **kwargs):
         from lmwrap_engine import pipeline
+        from lmwrap_engine.model_path import DEFAULT_MODEL
 
         self.do_sample = kwargs.pop('do_sample', None)
         auto_template = kwargs.get('meta_template') == 'auto'
@@ -57,7 +58,8 @@ class LMDeployPipeline(BaseLLM):
         if auto_template:
             template_parser = kwargs.get('template_parser', LMTemplateParser)
             try:
-                self.template_parser = template_parser(_pick_meta_template(model_name, path, self.model))
+                self.template_parser = template_parser(auto_meta_template(model_name, path or DEFAULT_MODEL,
+                                                                           self.model.model_dir))
             except Exception:
                 self.model.close()
                 raise
@@ -173,16 +175,3 @@ def _chat_template_config(model_name: Optional[str]):
     logger.warning('model_name %r matches no chat template; the model\'s own is used (with do_preprocess=True)',
                    model_name)
     return None
-
-
-def _pick_meta_template(model_name: Optional[str], path: Optional[str], pipe) -> List[dict]:
-    from lmwrap_engine.model_path import DEFAULT_MODEL
-    from meta_templates import get_meta_template, meta_template_name_for
-
-    candidates = [model_name, path or DEFAULT_MODEL, pipe.model_dir]
-    for candidate in filter(None, candidates):
-        name = meta_template_name_for(candidate)
-        if name:
-            return get_meta_template(name)
-    raise ValueError(f'meta_template="auto" cannot tell the template of {[c for c in candidates if c]}; '
-                     'pass meta_template= a template name or a list of role dicts')

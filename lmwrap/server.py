@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import requests
 
-from .base import AsyncBaseLLM
+from .base import AsyncBaseLLM, auto_meta_template
 from .client import LMDeployClient
 
 logger = logging.getLogger('lmwrap')
@@ -72,7 +72,8 @@ class LMDeployServer(LMDeployClient):
                  log_level: str = 'WARNING', serve_cfg: Optional[Dict[str, Any]] = None,
                  start_timeout: float = 600.0, **kwargs):
         if kwargs.get('meta_template') == 'auto':
-            kwargs['meta_template'] = _pick_meta_template(model_name, path)
+            from lmwrap_engine.model_path import DEFAULT_MODEL
+            kwargs['meta_template'] = auto_meta_template(model_name, path or DEFAULT_MODEL)
         if tp != 1:
             raise ValueError(f'tp={tp}: the engine runs a model on one device (tp=1)')
         flags = serve_flags(serve_cfg or {})
@@ -225,22 +226,6 @@ def _first_key(serve_cfg) -> Optional[str]:
     if not keys:
         return None
     return keys.split(',')[0].strip() if isinstance(keys, str) else str(list(keys)[0])
-
-
-def _pick_meta_template(model_name: Optional[str], path: Optional[str]) -> List[dict]:
-    """``meta_template='auto'``: the template of ``model_name`` or ``path`` (None: the default model)."""
-    from meta_templates import get_meta_template, meta_template_name_for
-
-    if path is None:
-        from lmwrap_engine.model_path import DEFAULT_MODEL
-        path = DEFAULT_MODEL
-    candidates = [c for c in (model_name, path) if c]
-    for candidate in candidates:
-        name = meta_template_name_for(candidate)
-        if name:
-            return get_meta_template(name)
-    raise ValueError(f'meta_template="auto" cannot tell the template of {candidates}; '
-                     'pass meta_template= a template name or a list of role dicts')
 
 
 def _free_port(host: str) -> int:

@@ -187,9 +187,7 @@ async def run_agents(send: Send, workload: AgentWorkload, progress=None) -> Tupl
             ids = workload.prompt(a, replies)
             start = time.perf_counter()
             ttft, reply = await send(ids)
-            records.append({"agent": a, "turn": t + 1, "prompt_tokens": len(ids), "ttft_s": ttft,
-                            "latency_s": time.perf_counter() - start, "reply_tokens": len(reply),
-                            "reply": reply})
+            records.append(_turn_record(a, t, ids, ttft, time.perf_counter() - start, reply))
             replies.append(reply)
             if progress is not None:
                 progress.update(1)
@@ -306,35 +304,25 @@ async def _scrape(client, base_url: str) -> Optional[dict]:
 
 def server_sender(client, url: str, model: str, tokenizer, vocab: Sequence[int], reply_len: int,
                   seed: int, usage: List[int]) -> Send:
-    from .bench_serving import _error_text, _request_body
+    from .bench_serving import _request_body, sse_payloads
     rng = random.Random(seed + 2)
 
     async def send(ids: List[int]) -> Tuple[float, List[int]]:
         body = _request_body("completions", model, ids, reply_len)
         ttft, pieces, finish = None, [], None
         start = time.perf_counter()
-        async with client.stream("POST", url, json=body) as resp:
-            if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")
-                raise RuntimeError(f"POST {url}: HTTP {resp.status_code}: {text[:500]}")
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    break
-                data = json.loads(payload)
-                error = _error_text(data)
-                if error:
-                    raise RuntimeError(f"POST {url}: {error}")
+        try:
+            async for now, data in sse_payloads(client, url, body):
                 if data.get("choices"):
                     if ttft is None:
-                        ttft = time.perf_counter() - start
+                        ttft = now - start
                     pieces.append(data["choices"][0].get("text") or "")
                     finish = data["choices"][0].get("finish_reason") or finish
                 if data.get("usage"):
                     usage[0] += data["usage"].get("prompt_tokens") or 0
                     usage[1] += data["usage"].get("completion_tokens") or 0
+        except RuntimeError as exc:
+            raise RuntimeError(f"POST {url}: {exc}") from None
         if finish in ("error", "abort") or ttft is None:
             raise RuntimeError(f"POST {url}: the reply ended with finish_reason {finish!r}")
         return ttft, _fit(tokenizer.encode("".join(pieces), add_special_tokens=False), reply_len, vocab, rng)
@@ -465,13 +453,17 @@ def run_llama_cpp_agents(gguf_path: str, workload: AgentWorkload, threads: int, 
                 reply.append(int(token))
                 if len(reply) == workload.reply_len:
                     break
-            records.append({"agent": a, "turn": t + 1, "prompt_tokens": len(ids), "ttft_s": ttft,
-                            "latency_s": time.perf_counter() - turn_start, "reply_tokens": len(reply),
-                            "reply": reply})
+            records.append(_turn_record(a, t, ids, ttft, time.perf_counter() - turn_start, reply))
             replies.append(reply)
             if progress is not None:
                 progress.update(1)
     return records, time.perf_counter() - start, computed
+
+
+def _turn_record(agent: int, turn: int, ids: List[int], ttft: float, latency: float, reply: List[int]) -> dict:
+    """One agent turn's result (``turn`` 0-based here, 1-based in the record)."""
+    return {"agent": agent, "turn": turn + 1, "prompt_tokens": len(ids), "ttft_s": ttft, "latency_s": latency,
+            "reply_tokens": len(reply), "reply": reply}
 
 
 def _llama_cpp_gguf(model: Optional[str]) -> Tuple[Optional[str], str]:

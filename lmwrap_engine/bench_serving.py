@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Awaitable, Callable, List, Optional, Sequence, Tuple
+from typing import AsyncIterator, Awaitable, Callable, List, Optional, Sequence, Tuple
 
 from .bench import DATASETS, make_workload
 
@@ -377,43 +377,47 @@ def _error_text(data: dict) -> Optional[str]:
     return None
 
 
+async def sse_payloads(client, url: str, body: dict) -> AsyncIterator[Tuple[float, dict]]:
+    """``(arrival time, JSON payload)`` of each ``data:`` line of a streaming POST, up to ``[DONE]``.
+    An HTTP error or an error payload raises ``RuntimeError`` with the server's message."""
+    async with client.stream("POST", url, json=body) as resp:
+        if resp.status_code != 200:
+            text = (await resp.aread()).decode(errors="replace")
+            raise RuntimeError(f"HTTP {resp.status_code}: {text[:500]}")
+        async for line in resp.aiter_lines():
+            now = time.perf_counter()
+            if not line.startswith("data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                return
+            data = json.loads(payload)
+            error = _error_text(data)
+            if error:
+                raise RuntimeError(error)
+            yield now, data
+
+
 async def send_openai(client, url: str, endpoint: str, model: str, prompt: str, output_len: int) -> RequestResult:
     """One streaming request; a token event is every SSE chunk that carries a choice."""
     result = RequestResult()
     body = _request_body(endpoint, model, prompt, output_len)
-    events = 0
+    events, finish = 0, None
     last = start = time.perf_counter()
     try:
-        async with client.stream("POST", url, json=body) as resp:
-            if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")
-                result.error = f"HTTP {resp.status_code}: {text[:500]}"
-                return result
-            finish = None
-            async for line in resp.aiter_lines():
-                now = time.perf_counter()
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    break
-                data = json.loads(payload)
-                error = _error_text(data)
-                if error:
-                    result.error = error
-                    return result
-                if data.get("choices"):
-                    if events == 0:
-                        result.ttft = now - start
-                    else:
-                        result.itl.append(now - last)
-                    events += 1
-                    last = now
-                    finish = data["choices"][0].get("finish_reason") or finish
-                usage = data.get("usage")
-                if usage:
-                    result.input_tokens = usage.get("prompt_tokens") or 0
-                    result.output_tokens = usage.get("completion_tokens") or 0
+        async for now, data in sse_payloads(client, url, body):
+            if data.get("choices"):
+                if events == 0:
+                    result.ttft = now - start
+                else:
+                    result.itl.append(now - last)
+                events += 1
+                last = now
+                finish = data["choices"][0].get("finish_reason") or finish
+            usage = data.get("usage")
+            if usage:
+                result.input_tokens = usage.get("prompt_tokens") or 0
+                result.output_tokens = usage.get("completion_tokens") or 0
         result.latency = last - start  # to the last token, as vLLM: not the usage chunk or [DONE]
         if finish in ("error", "abort"):
             result.error = f"finish_reason {finish!r}"
@@ -422,6 +426,8 @@ async def send_openai(client, url: str, endpoint: str, model: str, prompt: str, 
         else:
             result.output_tokens = result.output_tokens or events  # a server without usage: one token per event
             result.success = True
+    except RuntimeError as exc:  # the server's own error: counted, not fatal
+        result.error = str(exc)
     except Exception as exc:  # a failed request is counted, not fatal
         result.error = f"{type(exc).__name__}: {exc}"
     return result
