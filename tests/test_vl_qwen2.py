@@ -1,0 +1,236 @@
+"""Qwen2-VL / Qwen2.5-VL: the vision tower, M-RoPE text model and rope index against transformers' own
+modules on the same random weights, then the whole engine against transformers' generate."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from lmwrap_engine.models.qwen2_vl import (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
+                                           mrope_positions, text_args_of)
+
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+               "<|image_pad|>", "<|video_pad|>"]
+CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "describe this image. What is in the picture? compare the two images.",
+    "You are a helpful assistant. system user assistant",
+    "Name three rivers: the Nile, the Amazon and the Yangtze. 0 1 2 3 4 5 6 7 8 9",
+]
+
+
+def _tokenizer(path: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=VL_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.chat_template = QWEN2VL_CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_qwen2_vl(root: str, qwen25: bool = False, seed: int = 0) -> str:
+    """A tiny random Qwen2-VL (or Qwen2.5-VL) folder: weights, config, tokenizer and processor."""
+    from transformers import (Qwen2VLImageProcessor, Qwen2_5_VLConfig,
+                              Qwen2_5_VLForConditionalGeneration as HF25, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration as HF2)
+
+    path = os.path.join(root, f"{'qwen2_5_vl' if qwen25 else 'qwen2_vl'}-s{seed}")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    tok = _tokenizer(path)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in VL_SPECIALS}
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5,
+                rope_parameters=dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=10000.0),
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=0)
+    if qwen25:
+        vision = dict(depth=4, hidden_size=32, intermediate_size=48, out_hidden_size=64, num_heads=2,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                      fullatt_block_indexes=[1, 3])
+        config_cls, model_cls = Qwen2_5_VLConfig, HF25
+    else:
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        config_cls, model_cls = Qwen2VLConfig, HF2
+    cfg = config_cls(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                     video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                     vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = model_cls(cfg).float()
+    with torch.no_grad():  # widen HF's small init so logits are not near-ties
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_q" in name:
+                p.normal_(1.0, 0.05) if name.endswith("weight") else p.normal_(0, 0.02)
+            elif p.dim() > 1:
+                p.normal_(0, 0.08)
+            else:
+                p.normal_(0, 0.02)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    # Qwen2VLProcessor needs torchvision for its video half; the image processor alone does not.
+    Qwen2VLImageProcessor().save_pretrained(path)
+    return path
+
+
+def load_hf(path: str):
+    from transformers import AutoModelForImageTextToText
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def load_ours(path: str):
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cls = Qwen2_5_VLForConditionalGeneration if "2_5" in cfg["architectures"][0] else Qwen2VLForConditionalGeneration
+    model = cls(text_args_of(cfg), cfg)
+    from lmwrap_engine.loader.safetensors import iterate_weights
+    with torch.no_grad():
+        model.load_weights(iterate_weights(path))
+    return model.eval()
+
+
+def images(sizes, seed=0):
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for w, h in sizes:
+        arr = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()
+        out.append(Image.fromarray(arr))
+    return out
+
+
+def processed(path, text_parts, imgs):
+    """What Qwen2VLProcessor gives for one user message mixing text and images (in the given order):
+    the chat template, each ``<|image_pad|>`` repeated for its image's merged grid, and the image tensors."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    improc = AutoImageProcessor.from_pretrained(path)
+    content = [{"type": "image"} if p is None else {"type": "text", "text": p} for p in text_parts]
+    prompt = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                     add_generation_prompt=True)
+    out = {}
+    if imgs:
+        out = dict(improc(images=imgs, return_tensors="pt"))
+        pieces = prompt.split("<|image_pad|>")
+        merge = improc.merge_size ** 2
+        prompt = pieces[0] + "".join("<|image_pad|>" * (int(g.prod()) // merge) + p
+                                     for g, p in zip(out["image_grid_thw"], pieces[1:]))
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    out.update(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == image_id).int())
+    return out
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["qwen2_vl", "qwen2_5_vl"])
+def tiny(request, tmp_path_factory):
+    root = str(tmp_path_factory.getbasetemp())
+    path = build_tiny_qwen2_vl(root, qwen25=request.param)
+    return path, load_hf(path), load_ours(path)
+
+
+SIZES = [(56, 56), (84, 140), (112, 70)]
+
+
+def test_vision_tower_matches_transformers(tiny):
+    path, hf, ours = tiny
+    inputs = processed(path, [None, "and", None, "and", None, "compare"], images(SIZES))
+    with torch.no_grad():
+        ref = hf.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+        got = ours.encode_images(inputs["pixel_values"], inputs["image_grid_thw"].tolist())
+    assert [g.shape for g in got] == [r.shape for r in ref]
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+
+
+def test_rope_index_matches_transformers(tiny):
+    path, hf, ours = tiny
+    inputs = processed(path, ["look:", None, "then", None, None, "compare them"], images(SIZES))
+    ref_pos, ref_delta = hf.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                 image_grid_thw=inputs["image_grid_thw"])
+    ids = inputs["input_ids"][0].tolist()
+    got, nxt = mrope_positions(ids, inputs["image_grid_thw"].tolist(), ours.image_token_id, ours.spatial_merge_size)
+    assert torch.equal(got, ref_pos[:, 0])
+    assert nxt - len(ids) == int(ref_delta)
+    # A continuation (chunk of a later turn) starting at `nxt` equals the positions of the whole run.
+    split = ids.index(ours.image_token_id) - 1  # at <|vision_start|>
+    head, first = mrope_positions(ids[:split], [], ours.image_token_id, ours.spatial_merge_size)
+    tail, nxt2 = mrope_positions(ids[split:], inputs["image_grid_thw"].tolist(), ours.image_token_id,
+                                 ours.spatial_merge_size, start=first)
+    assert torch.equal(torch.cat([head, tail], 1), got) and nxt2 == nxt
+
+
+def test_rope_index_errors(tiny):
+    _, _, ours = tiny
+    img = ours.image_token_id
+    with pytest.raises(ValueError, match="does not hold"):
+        mrope_positions([1, img, img, 2], [(1, 4, 4)], img, 2)
+    with pytest.raises(ValueError, match="more images"):
+        mrope_positions([1, 2], [(1, 4, 4)], img, 2)
+    with pytest.raises(ValueError, match="more image placeholder"):
+        mrope_positions([1, img, 2], [], img, 2)
+
+
+def _hf_logits(hf, inputs):
+    with torch.no_grad():
+        return hf(**inputs).logits[0]
+
+
+def test_text_model_with_image_embeddings_matches_transformers(tiny):
+    """Our text model fed the merged embeddings and M-RoPE positions (one flat run, plain causal
+    attention over the whole prompt) gives transformers' logits."""
+    path, hf, ours = tiny
+    inputs = processed(path, ["look:", None, "then", None, "compare"], images(SIZES[:2]))
+    ids = inputs["input_ids"][0]
+    grids = inputs["image_grid_thw"].tolist()
+    with torch.no_grad():
+        feats = torch.cat(ours.encode_images(inputs["pixel_values"], grids))
+        emb = ours.embed_tokens(ids).clone()
+        emb[ids == ours.image_token_id] = feats
+        pos, _ = mrope_positions(ids.tolist(), grids, ours.image_token_id, ours.spatial_merge_size)
+        logits = _run_flat(ours, ids, pos, emb)
+    torch.testing.assert_close(logits, _hf_logits(hf, inputs), atol=2e-4, rtol=2e-4)
+
+
+def _run_flat(model, ids, positions, embeds):
+    """One prefill of a single sequence through the paged attention path on a scratch cache."""
+    from lmwrap_engine.engine.context import ForwardContext, StepContext
+    from lmwrap_engine.models.layers.attention import PagedAttention
+
+    n = ids.shape[0]
+    bs = 16
+    nblocks = -(-n // bs)
+    a = model.args
+    k_cache = torch.zeros(a.num_layers, nblocks, bs, a.num_kv_heads, a.head_dim)
+    v_cache = torch.zeros_like(k_cache)
+    step = StepContext()
+    for i, attn in enumerate(m for m in model.modules() if isinstance(m, PagedAttention)):
+        attn.step_context, attn.k_cache, attn.v_cache = step, k_cache[i], v_cache[i]
+    table = torch.arange(nblocks, dtype=torch.int32)[None]
+    ctx = ForwardContext(slot_mapping=torch.arange(n), num_decode_tokens=0,
+                         decode_block_tables=table[:0], decode_kv_lens=torch.zeros(0, dtype=torch.int32),
+                         prefill_block_tables=table, prefill_cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32),
+                         prefill_kv_lens=torch.tensor([n], dtype=torch.int32))
+    with step.use(ctx):
+        return model.compute_logits(model(ids, positions, embeds))
