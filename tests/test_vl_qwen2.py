@@ -8,8 +8,9 @@ import os
 import pytest
 import torch
 
+from lmwrap_engine.models.config import ModelArgs
 from lmwrap_engine.models.qwen2_vl import (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
-                                           mrope_positions, text_args_of)
+                                           mrope_positions, text_config_of)
 
 QWEN2VL_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
@@ -104,7 +105,9 @@ def load_ours(path: str):
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
     cls = Qwen2_5_VLForConditionalGeneration if "2_5" in cfg["architectures"][0] else Qwen2VLForConditionalGeneration
-    model = cls(text_args_of(cfg), cfg)
+    args = ModelArgs.from_hf_config(text_config_of(cfg))
+    args.hf_config = cfg
+    model = cls(args)
     from lmwrap_engine.loader.safetensors import iterate_weights
     with torch.no_grad():
         model.load_weights(iterate_weights(path))
@@ -158,7 +161,7 @@ def test_vision_tower_matches_transformers(tiny):
     inputs = processed(path, [None, "and", None, "and", None, "compare"], images(SIZES))
     with torch.no_grad():
         ref = hf.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
-        got = ours.encode_images(inputs["pixel_values"], inputs["image_grid_thw"].tolist())
+        got = ours.encode_pixels(inputs["pixel_values"], inputs["image_grid_thw"].tolist())
     assert [g.shape for g in got] == [r.shape for r in ref]
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
@@ -205,8 +208,8 @@ def test_text_model_with_image_embeddings_matches_transformers(tiny):
     ids = inputs["input_ids"][0]
     grids = inputs["image_grid_thw"].tolist()
     with torch.no_grad():
-        feats = torch.cat(ours.encode_images(inputs["pixel_values"], grids))
-        emb = ours.embed_tokens(ids).clone()
+        feats = torch.cat(ours.encode_pixels(inputs["pixel_values"], grids))
+        emb = ours.embed_input_ids(ids).clone()
         emb[ids == ours.image_token_id] = feats
         pos, _ = mrope_positions(ids.tolist(), grids, ours.image_token_id, ours.spatial_merge_size)
         logits = _run_flat(ours, ids, pos, emb)
@@ -234,3 +237,43 @@ def _run_flat(model, ids, positions, embeds):
                          prefill_kv_lens=torch.tensor([n], dtype=torch.int32))
     with step.use(ctx):
         return model.compute_logits(model(ids, positions, embeds))
+
+
+def test_processor_matches_transformers_expansion(tiny):
+    """Our prompt encoder (images placed first, as lmdeploy and the HF template for [images, text] do) gives
+    transformers' ids, per-image pixels whose encoding equals the batched one, and M-RoPE items that
+    reproduce get_rope_index when laid out by the engine's rule."""
+    from transformers import AutoTokenizer
+    from lmwrap_engine.vl.items import IMAGE_TOKEN
+    from lmwrap_engine.vl.qwen2_vl import Qwen2VLProcessor
+
+    path, hf, ours = tiny
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    tok = AutoTokenizer.from_pretrained(path)
+    proc = Qwen2VLProcessor(path, tok, cfg)
+    imgs = images(SIZES)
+    text = proc.place_images("compare them", len(imgs))
+    prompt = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    ids, items = proc.encode(prompt, imgs, add_special_tokens=False)
+    ref = processed(path, [None, None, None, "compare them"], imgs)
+    assert ids == ref["input_ids"][0].tolist()
+    assert [it.length for it in items] == [int(g.prod()) // 4 for g in ref["image_grid_thw"]]
+    assert len({it.content_hash for it in items}) == 3
+    # The engine's layout rule: text p -> p + deltas before; item token j -> offset + deltas before + rel[j].
+    pos = torch.arange(len(ids)).repeat(3, 1)
+    shift = 0
+    for it in items:
+        pos[:, it.offset:it.end] = it.mrope_positions + it.offset + shift
+        shift += it.mrope_delta
+        pos[:, it.end:] += it.mrope_delta
+    ref_pos, ref_delta = hf.model.get_rope_index(ref["input_ids"], ref["mm_token_type_ids"],
+                                                 image_grid_thw=ref["image_grid_thw"])
+    assert torch.equal(pos, ref_pos[:, 0]) and shift == int(ref_delta)
+    with torch.no_grad():
+        got = ours.encode_images(items)
+        want = ours.encode_pixels(ref["pixel_values"], ref["image_grid_thw"].tolist())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    with pytest.raises(ValueError, match="places 1 images"):
+        proc.encode(prompt.replace(IMAGE_TOKEN, "", 2), imgs, add_special_tokens=False)

@@ -45,14 +45,6 @@ def mrope_section_of(cfg: dict) -> List[int]:
     raise ValueError("Qwen2-VL config has no mrope_section in rope_parameters / rope_scaling")
 
 
-def text_args_of(cfg: dict) -> ModelArgs:
-    """ModelArgs of the language model; M-RoPE itself is read by the model (its frequencies are the default ones)."""
-    text = text_config_of(cfg)
-    rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
-    theta = rope.get("rope_theta") or text.get("rope_theta") or 1000000.0
-    text = {**text, "rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": theta},
-            "rope_theta": theta}
-    return ModelArgs.from_hf_config(text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,21 +349,23 @@ class Qwen2VLForConditionalGeneration(nn.Module):
     """Qwen2-VL (and, as a subclass, Qwen2.5-VL) on the engine: ``encode_images`` runs the vision tower,
     ``forward`` takes token ids, positions (``[T]`` or M-RoPE ``[3, T]``) and optional input embeddings."""
 
+    is_multimodal = True
+    uses_mrope = True
     qwen25 = False
     packed_modules = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
                       "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, args: ModelArgs, hf_config: dict):
+    def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.hf_config = hf_config
+        hf_config = args.hf_config
         self.image_token_id = hf_config.get("image_token_id", 151655)
-        self.vision_start_token_id = hf_config.get("vision_start_token_id", 151652)
-        self.vision_end_token_id = hf_config.get("vision_end_token_id", 151653)
         vcfg = hf_config.get("vision_config") or {}
         self.spatial_merge_size = vcfg.get("spatial_merge_size", 2)
         self.model = Qwen2VLTextModel(args, mrope_section_of(hf_config))
-        self.visual = VisionTransformer(vcfg, args.hidden_size, self.qwen25)
+        self.visual = None
+        if not getattr(args, "disable_vision_encoder", False):
+            self.visual = VisionTransformer(vcfg, args.hidden_size, self.qwen25)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.tie_weights()
 
@@ -379,18 +373,26 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def encode_images(self, pixel_values: torch.Tensor, grid_thw) -> List[torch.Tensor]:
-        """One ``[num_tokens_i, hidden]`` tensor per image, in order."""
-        out = self.visual(pixel_values, grid_thw)
-        sizes = [image_num_tokens(g, self.spatial_merge_size) for g in grid_thw]
-        return list(out.split(sizes))
+    def encode_images(self, items) -> List[torch.Tensor]:
+        """One ``[length_i, hidden]`` tensor per item (``pixel_inputs``: ``pixel_values``, ``image_grid_thw``)."""
+        if self.visual is None:
+            raise RuntimeError("the vision encoder is disabled (disable_vision_encoder=True); images cannot be used")
+        device = self.lm_head.weight.device
+        pixels = torch.cat([it.pixel_inputs["pixel_values"] for it in items]).to(device)
+        grids = [g for it in items for g in it.pixel_inputs["image_grid_thw"].tolist()]
+        return self.encode_pixels(pixels, grids)
 
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def encode_pixels(self, pixel_values: torch.Tensor, grid_thw) -> List[torch.Tensor]:
+        """The vision tower on the image processor's batched output: one tensor per image."""
+        out = self.visual(pixel_values, grid_thw)
+        return list(out.split([image_num_tokens(g, self.spatial_merge_size) for g in grid_thw]))
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.model(input_ids, positions, inputs_embeds)
+                input_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.model(input_ids, positions, input_embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
@@ -418,6 +420,8 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         for name, tensor in weights:
             name = self._canonical(name)
             if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.args.tie_word_embeddings):
+                continue
+            if name.startswith("visual.") and self.visual is None:
                 continue
             target, shard = name, None
             if name.startswith("model."):

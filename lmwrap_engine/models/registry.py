@@ -7,6 +7,7 @@ from .config import ModelArgs
 from .internlm2 import InternLM2ForCausalLM
 from .llama import LlamaForCausalLM
 from .qwen2 import Qwen2ForCausalLM
+from .qwen2_vl import Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
 from .qwen3 import Qwen3ForCausalLM
 
 MODEL_CLASSES = {
@@ -15,6 +16,8 @@ MODEL_CLASSES = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "InternLM2ForCausalLM": InternLM2ForCausalLM,
+    "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
 }
 
 
