@@ -10,7 +10,7 @@ import torch
 
 from lmwrap_engine.models.config import ModelArgs
 from lmwrap_engine.models.qwen2_vl import (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
-                                           mrope_positions, text_config_of)
+                                           mrope_positions)
 
 QWEN2VL_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
@@ -105,9 +105,7 @@ def load_ours(path: str):
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
     cls = Qwen2_5_VLForConditionalGeneration if "2_5" in cfg["architectures"][0] else Qwen2VLForConditionalGeneration
-    args = ModelArgs.from_hf_config(text_config_of(cfg))
-    args.hf_config = cfg
-    model = cls(args)
+    model = cls(ModelArgs.from_hf_config(cfg))
     from lmwrap_engine.loader.safetensors import iterate_weights
     with torch.no_grad():
         model.load_weights(iterate_weights(path))

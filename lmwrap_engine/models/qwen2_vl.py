@@ -312,7 +312,7 @@ class VisionTransformer(nn.Module):
             unit = self.merge ** 2
             order = (window_index[:, None] * unit + torch.arange(unit)).flatten().to(x.device)
             x, cos, sin = x[order], cos[order], sin[order]
-        cos, sin = cos.to(x.dtype).contiguous(), sin.to(x.dtype).contiguous()
+        cos, sin = cos.contiguous(), sin.contiguous()  # fp32 angles, as transformers
         for i, blk in enumerate(self.blocks):
             full = not self.qwen25 or i in self.fullatt_block_indexes
             x = blk(x, cos, sin, cu_full if full else cu_win)
