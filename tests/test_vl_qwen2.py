@@ -275,3 +275,78 @@ def test_processor_matches_transformers_expansion(tiny):
         torch.testing.assert_close(g, w)
     with pytest.raises(ValueError, match="places 1 images"):
         proc.encode(prompt.replace(IMAGE_TOKEN, "", 2), imgs, add_special_tokens=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the engine's model runner (the multimodal seam)
+# ---------------------------------------------------------------------------------------------
+
+def _encoded(path, tok_prompt_parts, imgs):
+    """Our prompt encoder's ids and items for one user turn built by the model's chat template."""
+    from transformers import AutoTokenizer
+    from lmwrap_engine.vl.items import IMAGE_TOKEN
+    from lmwrap_engine.vl.qwen2_vl import Qwen2VLProcessor
+
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    tok = AutoTokenizer.from_pretrained(path)
+    text = "".join(IMAGE_TOKEN if p is None else p for p in tok_prompt_parts)
+    prompt = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return Qwen2VLProcessor(path, tok, cfg).encode(prompt, imgs, add_special_tokens=False)
+
+
+def _runner_sequence(runner, ids, items):
+    """A Sequence laid out as the engine lays out a request with images (pad ids at placeholders)."""
+    from lmwrap_engine.engine.sequence import Sequence
+    from lmwrap_engine.vl.inputs import pad_id
+
+    seq = Sequence(0, 0)
+    seq.token_ids = list(ids)
+    for it in items:
+        seq.token_ids[it.offset:it.end] = [pad_id(runner.args.vocab_size, it.content_hash)] * it.length
+    seq.mm_items = [it.shifted(0) for it in items]
+    seq.mrope_delta = sum(it.mrope_delta for it in items)
+    return seq
+
+
+def _runner_logits(runner, seq, chunks):
+    from lmwrap_engine.engine.block_manager import BlockManager
+    from lmwrap_engine.engine.scheduler import ScheduledBatch
+    from lmwrap_engine.vl.inputs import multimodal_inputs
+
+    bm = BlockManager(runner.num_blocks, runner.block_size)
+    out = []
+    for n in chunks:
+        assert bm.allocate_slots(seq, n)
+        batch = ScheduledBatch([seq], [n], int(n == 1))
+        input_ids, positions, ctx, _ = runner._prepare(batch)
+        with torch.no_grad(), runner.step_context.use(ctx):
+            input_ids, embeds, positions = multimodal_inputs(runner.model, batch, input_ids, positions,
+                                                             runner.args.vocab_size)
+            out.append(runner.model.compute_logits(runner.model(input_ids, positions, embeds)))
+        seq.num_computed_tokens += n
+    return torch.cat(out)
+
+
+def test_runner_logits_chunked_match_transformers(tiny):
+    from lmwrap_engine.config import EngineConfig
+    from lmwrap_engine.engine.model_runner import ModelRunner
+
+    path, hf, _ = tiny
+    imgs = images(SIZES[:2], seed=1)
+    ids, items = _encoded(path, [None, None, "compare them"], imgs)
+    ref = processed(path, [None, None, "compare them"], imgs)
+    assert ids == ref["input_ids"][0].tolist()
+    expected = _hf_logits(hf, ref)
+    runner = ModelRunner(path, EngineConfig(dtype="float32", num_gpu_blocks=32, block_size=16, device_type="cpu"))
+    calls = []
+    encode = runner.model.encode_images
+    runner.model.encode_images = lambda its: calls.append(len(its)) or encode(its)
+    n = len(ids)
+    cut = items[0].offset + 3  # a chunk boundary inside the first image
+    for chunks in ([n], [cut, items[1].offset + 2 - cut, n - items[1].offset - 2], [7] * (n // 7) + [n % 7]):
+        calls.clear()
+        seq = _runner_sequence(runner, ids, items)
+        got = _runner_logits(runner, seq, [c for c in chunks if c])
+        torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-4, msg=f"chunks={chunks}")
+        assert sum(calls) == len(items)  # each image encoded once, however the prompt is chunked

@@ -108,14 +108,15 @@ class MRotaryEmbedding(nn.Module):
             raise ValueError(f"mrope_section {list(mrope_section)} must sum to head_dim/2 = {head_dim // 2}")
         self.head_dim = head_dim
         self.base = base
-        self.row_of = torch.repeat_interleave(torch.arange(3), torch.tensor(list(mrope_section)))
+        # Plain lists: the model is built on the meta device, tensors are made where first used.
+        self.row_of = [r for r, n in enumerate(mrope_section) for _ in range(n)]
         self._inv_freq: dict = {}
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
         device = positions.device
         if device not in self._inv_freq:
             inv = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
-            self._inv_freq[device] = (inv.to(device), self.row_of.to(device))
+            self._inv_freq[device] = (inv.to(device), torch.tensor(self.row_of, device=device))
         inv_freq, row_of = self._inv_freq[device]
         if positions.dim() == 1:
             freqs = positions.float()[:, None] * inv_freq
@@ -249,11 +250,7 @@ class VisionTransformer(nn.Module):
             dim, out_dim = vcfg["embed_dim"], vcfg.get("hidden_size", text_hidden)
         heads = vcfg["num_heads"]
         self.head_dim = dim // heads
-        rope = vcfg.get("rope_parameters") or {}
-        theta = rope.get("rope_theta", 10000.0)
-        half = self.head_dim // 2
-        self.register_buffer("inv_freq", 1.0 / (theta ** (torch.arange(0, half, 2, dtype=torch.float) / half)),
-                             persistent=False)
+        self.rope_theta = (vcfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
         self.patch_embed = PatchEmbed(self.patch_size, vcfg.get("temporal_patch_size", 2),
                                       vcfg.get("in_channels", 3), dim)
         act = vcfg.get("hidden_act", "silu" if qwen25 else "quick_gelu")
@@ -276,7 +273,9 @@ class VisionTransformer(nn.Module):
                               wp.reshape(shape).transpose(1, 2).flatten()], -1)
             rows.append(hw.repeat(t, 1))
         pos = torch.cat(rows).to(device)
-        freqs = (pos[..., None].float() * self.inv_freq.float()).flatten(1)  # [N, head_dim/2]: h freqs, then w
+        half = self.head_dim // 2
+        inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float, device=device) / half))
+        freqs = (pos[..., None].float() * inv_freq).flatten(1)  # [N, head_dim/2]: h freqs, then w
         return freqs.cos(), freqs.sin()
 
     def _windows(self, grids):
