@@ -350,3 +350,57 @@ def test_runner_logits_chunked_match_transformers(tiny):
         got = _runner_logits(runner, seq, [c for c in chunks if c])
         torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-4, msg=f"chunks={chunks}")
         assert sum(calls) == len(items)  # each image encoded once, however the prompt is chunked
+
+
+def hf_greedy(hf, inputs, n):
+    """transformers' ``n`` greedy tokens, recomputing the whole sequence each step (positions from
+    get_rope_index over prompt + generated text every time: no cached rope delta to trust)."""
+    inputs = dict(inputs)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = hf(**inputs).logits[0, -1].argmax().view(1, 1)
+            out.append(int(nxt))
+            for key, pad in (("input_ids", nxt), ("attention_mask", 1), ("mm_token_type_ids", 0)):
+                inputs[key] = torch.cat([inputs[key], torch.full_like(nxt, pad) if key != "input_ids" else nxt], 1)
+    return out
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "decode-buffers"])
+def test_runner_greedy_batched_with_text_matches_transformers(tiny, graphs):
+    """An image request and a text-only one prefilled and decoded together; with ``graphs`` decode runs
+    through the fixed-buffer decode path CUDA graphs use (1-D positions ``p + mrope_delta``)."""
+    from lmwrap_engine.config import EngineConfig
+    from lmwrap_engine.engine.block_manager import BlockManager
+    from lmwrap_engine.engine.model_runner import ModelRunner
+    from lmwrap_engine.engine.scheduler import ScheduledBatch
+    from lmwrap_engine.engine.sequence import Sequence
+
+    path, hf, _ = tiny
+    imgs = images([SIZES[2], SIZES[0]], seed=2)
+    ids, items = _encoded(path, [None, "and", None, "compare them"], imgs)
+    ref = processed(path, [None, "and", None, "compare them"], imgs)
+    text_ref = processed(path, ["The capital of France is"], [])
+    steps = 8
+    expected = [hf_greedy(hf, ref, steps), hf_greedy(hf, text_ref, steps)]
+    runner = ModelRunner(path, EngineConfig(dtype="float32", num_gpu_blocks=32, block_size=16, device_type="cpu"))
+    if graphs:
+        runner.decode_graphs = runner.make_decode_graphs(capture=False)
+    bm = BlockManager(runner.num_blocks, runner.block_size)
+    seq = _runner_sequence(runner, ids, items)
+    text = Sequence(1, 1)
+    text.token_ids = text_ref["input_ids"][0].tolist()
+    seqs = [seq, text]
+    got = [[], []]
+    new = [s.num_tokens for s in seqs]
+    for step in range(steps):
+        for s, n in zip(seqs, new):
+            assert bm.allocate_slots(s, n)
+        logits = runner.run(ScheduledBatch(seqs, new, len(seqs) if step else 0))
+        for i, (s, n) in enumerate(zip(seqs, new)):
+            s.num_computed_tokens += n
+            tok = int(logits[i].argmax())
+            got[i].append(tok)
+            s.token_ids.append(tok)
+        new = [1, 1]
+    assert got == expected
