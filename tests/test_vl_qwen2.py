@@ -404,3 +404,64 @@ def test_runner_greedy_batched_with_text_matches_transformers(tiny, graphs):
             s.token_ids.append(tok)
         new = [1, 1]
     assert got == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole engine: prompt forms -> chat template -> prompt encoder -> scheduler -> runner
+# ---------------------------------------------------------------------------------------------
+
+ENGINE_GREEDY_STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def engine_case(tiny):
+    """Requests (prompt, expected greedy tokens): images of different sizes, one or several per prompt,
+    and a text-only one; expected tokens from transformers on the ids its own chat template gives."""
+    path, hf, _ = tiny
+    a, b, c = images(SIZES, seed=3)
+    cases = [(("describe this image", a), [None, "describe this image"], [a]),
+             (("compare them", [b, c]), [None, None, "compare them"], [b, c]),
+             ("The capital of France is", ["The capital of France is"], []),
+             (("what is in the picture?", [c, a, b]), [None, None, None, "what is in the picture?"], [c, a, b])]
+    out = []
+    for prompt, parts, imgs in cases:
+        ref = processed(path, parts, imgs)
+        out.append((prompt, len(ref["input_ids"][0]), hf_greedy(hf, ref, ENGINE_GREEDY_STEPS)))
+    return path, out
+
+
+def _engine_generate(path, prompts, config, rounds=1):
+    """Greedy tokens of all prompts in flight together (of the last of ``rounds`` runs), their input
+    lengths, and the engine's stats."""
+    from lmwrap_engine import GenerationConfig, pipeline
+
+    gen = GenerationConfig(max_new_tokens=ENGINE_GREEDY_STEPS, ignore_eos=True)
+    with pipeline(path, config) as pipe:
+        for _ in range(rounds):
+            streams = [iter(pipe.stream_generate(p, gen_config=gen)) for p in prompts]
+            deltas = [[next(s)] for s in streams]  # every request in flight before any finishes
+            for d, s in zip(deltas, streams):
+                d.extend(s)
+        stats = pipe.stats()
+    return [[t for x in d for t in x.token_ids] for d in deltas], [d[-1].input_token_len for d in deltas], stats
+
+
+@pytest.mark.parametrize("mode", ["batched", "chunked", "preempted", "prefix-cached"])
+def test_engine_greedy_matches_transformers(engine_case, mode):
+    from lmwrap_engine import PytorchEngineConfig
+
+    path, cases = engine_case
+    prompts = [p for p, _, _ in cases]
+    config = {"batched": dict(num_gpu_blocks=64, block_size=16),
+              "chunked": dict(num_gpu_blocks=64, block_size=16, max_prefill_token_num=9, max_batch_size=4),
+              "preempted": dict(num_gpu_blocks=20, block_size=4),
+              "prefix-cached": dict(num_gpu_blocks=96, block_size=4, enable_prefix_caching=True)}[mode]
+    got, input_lens, stats = _engine_generate(path, prompts, PytorchEngineConfig(dtype="float32", **config),
+                                              rounds=2 if mode == "prefix-cached" else 1)
+    assert input_lens == [n for _, n, _ in cases], input_lens
+    assert got == [exp for _, _, exp in cases]
+    assert stats["num_free_blocks"] == stats["num_blocks"]
+    if mode == "preempted":
+        assert stats["num_preemptions"] > 0
+    if mode == "prefix-cached":  # the second round reuses the image blocks and their M-RoPE positions
+        assert stats["num_prefix_hit_tokens"] >= sum(n for _, n, _ in cases) - 4 * len(cases)
