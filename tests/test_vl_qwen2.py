@@ -465,3 +465,35 @@ def test_engine_greedy_matches_transformers(engine_case, mode):
         assert stats["num_preemptions"] > 0
     if mode == "prefix-cached":  # the second round reuses the image blocks and their M-RoPE positions
         assert stats["num_prefix_hit_tokens"] >= sum(n for _, n, _ in cases) - 4 * len(cases)
+
+
+def test_engine_session_with_images_in_two_turns(tiny):
+    """Turn 2 of a kept session adds an image: its M-RoPE positions continue after turn 1's shifted text
+    (transformers recomputes the whole conversation's positions with get_rope_index)."""
+    from lmwrap_engine import GenerationConfig, PytorchEngineConfig, pipeline
+
+    path, hf, ours = tiny
+    a, b = images([SIZES[1], SIZES[2]], seed=4)
+    gen = GenerationConfig(max_new_tokens=6, ignore_eos=True)
+    with pipeline(path, PytorchEngineConfig(dtype="float32", num_gpu_blocks=64, block_size=16)) as pipe:
+        first, second = ("describe this image", a), ("and this one?", b)
+        ids1, ids2 = pipe.encode_prompt(first, True), pipe.encode_prompt(second, False)
+        out1 = [t for r in pipe.stream_generate(first, session_id=7, gen_config=gen, sequence_end=False)
+                for t in r.token_ids]
+        out2 = [t for r in pipe.stream_generate(second, session_id=7, gen_config=gen, sequence_start=False)
+                for t in r.token_ids]
+        stats = pipe.stats()
+    items = list(ids1.mm_items) + list(ids2.mm_items)
+    ids = list(ids1) + out1 + list(ids2)
+    inputs = dict(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                  mm_token_type_ids=(torch.tensor([ids]) == ours.image_token_id).int(),
+                  pixel_values=torch.cat([it.pixel_inputs["pixel_values"] for it in items]),
+                  image_grid_thw=torch.cat([it.pixel_inputs["image_grid_thw"] for it in items]))
+    assert int(inputs["mm_token_type_ids"].sum()) == sum(it.length for it in items)
+    first_ref = {k: (v[:, :len(ids1)] if k not in ("pixel_values", "image_grid_thw") else v)
+                 for k, v in inputs.items()}
+    first_ref["pixel_values"] = ids1.mm_items[0].pixel_inputs["pixel_values"]
+    first_ref["image_grid_thw"] = ids1.mm_items[0].pixel_inputs["image_grid_thw"]
+    assert out1 == hf_greedy(hf, first_ref, 6)
+    assert out2 == hf_greedy(hf, inputs, 6)
+    assert stats["num_free_blocks"] == stats["num_blocks"]
