@@ -497,3 +497,31 @@ def test_engine_session_with_images_in_two_turns(tiny):
     assert out1 == hf_greedy(hf, first_ref, 6)
     assert out2 == hf_greedy(hf, inputs, 6)
     assert stats["num_free_blocks"] == stats["num_blocks"]
+
+
+def test_engine_openai_messages_and_disabled_vision_encoder(tiny):
+    """An OpenAI message with an ``image_url`` data URL gives what the ``(text, image)`` form gives; with
+    ``disable_vision_encoder`` the text model alone loads and serves text, and an image is a clear error."""
+    import base64
+    import io
+
+    from lmwrap_engine import GenerationConfig, PytorchEngineConfig, pipeline
+
+    path, hf, _ = tiny
+    (img,) = images([SIZES[1]], seed=5)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    messages = [{"role": "user", "content": [{"type": "text", "text": "describe this image"},
+                                             {"type": "image_url", "image_url": {"url": url}}]}]
+    gen = GenerationConfig(max_new_tokens=6, ignore_eos=True)
+    expected = hf_greedy(hf, processed(path, [None, "describe this image"], [img]), 6)
+    with pipeline(path, PytorchEngineConfig(dtype="float32", num_gpu_blocks=32, block_size=16)) as pipe:
+        assert pipe(messages, gen_config=gen).token_ids == expected
+    text_expected = hf_greedy(hf, processed(path, ["The capital of France is"], []), 6)
+    cfg = PytorchEngineConfig(dtype="float32", num_gpu_blocks=32, block_size=16, disable_vision_encoder=True)
+    with pipeline(path, cfg) as pipe:
+        assert all(not name.startswith("visual.") for name, _ in pipe._loop.engine.runner.model.named_parameters())
+        assert pipe("The capital of France is", gen_config=gen).token_ids == text_expected
+        with pytest.raises(ValueError, match="vision encoder"):
+            pipe(messages, gen_config=gen)
