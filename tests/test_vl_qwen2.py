@@ -525,3 +525,34 @@ def test_engine_openai_messages_and_disabled_vision_encoder(tiny):
         assert pipe("The capital of France is", gen_config=gen).token_ids == text_expected
         with pytest.raises(ValueError, match="vision encoder"):
             pipe(messages, gen_config=gen)
+
+
+def test_transformers4_config_and_language_model_weight_names(tiny, tmp_path):
+    """Hub checkpoints keep the text fields on top with ``rope_scaling: {type: mrope}`` (transformers 4.x),
+    and newer saves name weights ``model.language_model.*`` / ``model.visual.*``: both load to the same model."""
+    from safetensors.torch import load_file, save_file
+
+    path, hf, ours = tiny
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    text = cfg.pop("text_config")
+    rope = text.pop("rope_parameters")
+    old = {**{k: v for k, v in text.items() if k not in ("model_type", "layer_types")}, **cfg,
+           "rope_theta": rope["rope_theta"], "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]}}
+    old["vision_config"] = {k: v for k, v in cfg["vision_config"].items() if k not in ("rope_parameters", "model_type")}
+    old["vision_config"]["in_chans"] = old["vision_config"].pop("in_channels")
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(old, f)
+    renamed = {("model.language_model." + k[len("model."):] if k.startswith("model.") else
+                "model." + k if k.startswith("visual.") else k): v
+               for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
+    save_file(renamed, str(tmp_path / "model.safetensors"))
+    other = load_ours(str(tmp_path))
+    inputs = processed(path, [None, "compare"], images([SIZES[1]], seed=6))
+    grids = inputs["image_grid_thw"].tolist()
+    ids = inputs["input_ids"][0]
+    with torch.no_grad():
+        a, b = ((m.encode_pixels(inputs["pixel_values"], grids)[0], _run_flat(m, ids, torch.arange(len(ids)), None))
+                for m in (ours, other))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
