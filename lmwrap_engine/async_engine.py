@@ -17,6 +17,8 @@ from .engine.llm_engine import LLMEngine, Request, RequestOutput
 from .engine.sampling_params import SamplingParams
 from .model_path import DEFAULT_MODEL, resolve_model_path
 from .output_stream import Accumulated, OutputStream, error_text
+from .vl.items import PromptIds
+from .vl.prompts import has_images
 
 logger = logging.getLogger("lmwrap_engine")
 
@@ -91,6 +93,8 @@ class AsyncEngine:
         engine = LLMEngine(self.model_dir, self.engine_config, self.tokenizer)
         self.session_len = engine.session_len
         self.vocab_size = engine.runner.args.vocab_size
+        self.model_args = engine.runner.args
+        self._vision_processor = None
         #: Where and how the model runs (read-only facts for logs and benchmarks).
         self.device, self.dtype = engine.runner.device, engine.runner.dtype
         self.num_blocks, self.block_size = engine.runner.num_blocks, engine.runner.block_size
@@ -108,7 +112,12 @@ class AsyncEngine:
                       tools=None, close_turn: bool = False) -> List[int]:
         """Token ids of a prompt: with ``do_preprocess`` the chat template is applied (a str or a list of
         messages), otherwise the prompt must be a str. ``close_turn``: the session's last reply was cut
-        before its stop word, so the continuation first writes it (a template's later turn assumes it)."""
+        before its stop word, so the continuation first writes it (a template's later turn assumes it).
+        A prompt with images (``(text, image)``, ``(text, [images])``, messages with ``image_url`` parts)
+        gives a ``PromptIds``: the ids with their images' ``mm_items`` (``submit`` takes them along)."""
+        if has_images(prompt):
+            from .vl.prompts import encode_with_images
+            return PromptIds(*encode_with_images(self, prompt, sequence_start, do_preprocess, tools, close_turn))
         if do_preprocess:
             text = self.chat_template.messages2prompt(prompt, sequence_start, tools=tools)
             if close_turn and not sequence_start and self.chat_template.stop_words:
@@ -125,6 +134,19 @@ class AsyncEngine:
         if len(ids) > 1 and bos is not None and ids[0] == ids[1] == bos:
             ids = ids[1:]  # the template already wrote the BOS token
         return ids
+
+    def vision_processor(self):
+        """The prompt encoder for images of this model; a clear error when the model takes none."""
+        from .vl.registry import build_processor, is_vision_model
+        arch = self.model_args.architecture
+        if not is_vision_model(arch):
+            raise ValueError(f"the model {self.model_name!r} ({arch}) is a text-only model; it does not take images")
+        if self.engine_config.disable_vision_encoder:
+            raise ValueError(f"the model {self.model_name!r} runs without its vision encoder "
+                             "(disable_vision_encoder=True); it does not take images")
+        if self._vision_processor is None:
+            self._vision_processor = build_processor(arch, self.model_dir, self.tokenizer, self.model_args.hf_config)
+        return self._vision_processor
 
     def sampling_params(self, gen_config: Optional[GenerationConfig], num_tokens: int) -> SamplingParams:
         """The engine's sampling parameters for ``gen_config`` and a request reaching ``num_tokens`` tokens."""
@@ -144,6 +166,7 @@ class AsyncEngine:
                emit: Callable[[RequestOutput], None], sequence_start: bool = True, sequence_end: bool = True,
                step: int = 0) -> None:
         """Queues one request; the engine thread calls ``emit`` with each of its deltas."""
+        mm_items = list(getattr(input_ids, "mm_items", None) or [])
         try:
             input_ids = [operator.index(t) for t in input_ids]
         except TypeError:
@@ -151,7 +174,11 @@ class AsyncEngine:
         bad = next((t for t in input_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:  # an out-of-range id would fail the whole batch's step (a device assert on CUDA)
             raise ValueError(f"input_ids must be token ids in [0, {self.vocab_size}), got {bad}")
-        req = Request(session_id, input_ids, params, emit, sequence_start, sequence_end, step)
+        for it in mm_items:
+            if not 0 <= it.offset < it.offset + it.length <= len(input_ids):
+                raise ValueError(f"an image's placeholder tokens {it.offset}:{it.offset + it.length} are outside "
+                                 f"the {len(input_ids)} input ids")
+        req = Request(session_id, input_ids, params, emit, sequence_start, sequence_end, step, mm_items)
         self._loop.call(lambda engine: engine.add_request(req))
 
     def _open_stream(self, aio_loop=None) -> OutputStream:
@@ -187,7 +214,7 @@ class AsyncEngine:
             params = await asyncio.to_thread(self.sampling_params, gen_config, step + len(input_ids))
         else:
             params = self.sampling_params(gen_config, step + len(input_ids))
-        self.submit(session_id, list(input_ids), params, stream.add(session_id), sequence_start, sequence_end, step)
+        self.submit(session_id, input_ids, params, stream.add(session_id), sequence_start, sequence_end, step)
         total = Accumulated()
         try:
             async for _, out in stream:

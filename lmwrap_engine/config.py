@@ -140,6 +140,7 @@ class EngineConfig:
     load_format: str = "auto"  # "dummy": random weights of the folder's config (benchmarks), no weight files read
     max_sessions: int = 1024                       # kept (idle) sessions; past it the longest idle is ended
     session_idle_timeout: Optional[float] = None   # seconds an idle kept session lives; None: no limit
+    disable_vision_encoder: bool = False           # a vision-language model runs as its text model only
 
     def __post_init__(self):
         _check(self.load_format in ("auto", "dummy"), "load_format",
@@ -195,6 +196,7 @@ class PytorchEngineConfig:
     quant_policy: int = 0
     max_sessions: int = 1024
     session_idle_timeout: Optional[float] = None
+    disable_vision_encoder: bool = False
 
     def to_engine_config(self) -> EngineConfig:
         _reject_unsupported(self, tp=1, adapters=None, custom_module_map=None, prefill_interval=16,
@@ -206,7 +208,8 @@ class PytorchEngineConfig:
                             enable_prefix_caching=self.enable_prefix_caching, quant_policy=self.quant_policy,
                             device_type=self.device_type, eager_mode=self.eager_mode,
                             download_dir=self.download_dir, revision=self.revision,
-                            max_sessions=self.max_sessions, session_idle_timeout=self.session_idle_timeout)
+                            max_sessions=self.max_sessions, session_idle_timeout=self.session_idle_timeout,
+                            disable_vision_encoder=self.disable_vision_encoder)
 
 
 @dataclass
@@ -241,6 +244,7 @@ class TurbomindEngineConfig:
     eager_mode: bool = False
     max_sessions: int = 1024
     session_idle_timeout: Optional[float] = None
+    disable_vision_encoder: bool = False
 
     def to_engine_config(self) -> EngineConfig:
         _reject_unsupported(self, tp=1, rope_scaling_factor=0.0, use_logn_attn=False, cache_chunk_size=-1,
@@ -254,7 +258,8 @@ class TurbomindEngineConfig:
                             enable_prefix_caching=self.enable_prefix_caching, quant_policy=self.quant_policy,
                             device_type=self.device_type, eager_mode=self.eager_mode,
                             download_dir=self.download_dir, revision=self.revision,
-                            max_sessions=self.max_sessions, session_idle_timeout=self.session_idle_timeout)
+                            max_sessions=self.max_sessions, session_idle_timeout=self.session_idle_timeout,
+                            disable_vision_encoder=self.disable_vision_encoder)
 
 
 def _reject_unsupported(config, **defaults) -> None:

@@ -9,6 +9,7 @@ from .async_engine import AsyncEngine
 from .config import GenerationConfig, Response
 from .engine.llm_engine import RequestOutput
 from .output_stream import Accumulated, OutputStream, error_text
+from .vl.prompts import is_image_prompt
 
 Prompt = Union[str, List[dict]]
 
@@ -18,12 +19,12 @@ def _is_messages(x) -> bool:
 
 
 def normalize_prompts(prompts) -> tuple:
-    """Returns ``(list_of_prompts, is_single)`` for str, messages, list of str or list of messages."""
-    if isinstance(prompts, str) or _is_messages(prompts):
+    """Returns ``(list_of_prompts, is_single)`` for str, messages, ``(text, image(s))``, or a list of those."""
+    if isinstance(prompts, str) or _is_messages(prompts) or is_image_prompt(prompts):
         return [prompts], True
     if isinstance(prompts, (list, tuple)):
         for i, p in enumerate(prompts):
-            if not (isinstance(p, str) or _is_messages(p)):
+            if not (isinstance(p, str) or _is_messages(p) or is_image_prompt(p)):
                 raise TypeError(f"prompt {i} must be a str or a non-empty list of message dicts, "
                                 f"got {type(p).__name__}")
         return list(prompts), False
@@ -147,7 +148,7 @@ class Pipeline(AsyncEngine):
             input_ids = self.encode_prompt(prompt, sequence_start, do_preprocess)
         params = self.sampling_params(gen_config, step + len(input_ids))
         stream = self._open_stream()
-        self.submit(session_id, list(input_ids), params, stream.add(session_id), sequence_start, sequence_end, step)
+        self.submit(session_id, input_ids, params, stream.add(session_id), sequence_start, sequence_end, step)
         return _responses(stream, [session_id])
 
     def chat(self, prompt: Prompt, session: Optional[Session] = None, gen_config=None,

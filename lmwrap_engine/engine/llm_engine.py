@@ -38,6 +38,7 @@ class Request:
     sequence_start: bool = True
     sequence_end: bool = True
     step: int = 0
+    mm_items: list = field(default_factory=list)  # images: vl.items.MultimodalItem, offsets into input_ids
 
 
 @dataclass
@@ -145,6 +146,10 @@ class LLMEngine:
             return self._reject(req, "error", f"step {req.step} is outside the {seq.num_tokens} tokens "
                                               f"session {req.session_id} holds")
         total = seq.num_tokens + len(req.input_ids)
+        if req.mm_items and total >= self.session_len:
+            image_tokens = sum(it.length for it in req.mm_items)
+            return self._reject(req, "error", f"the prompt's {total} tokens ({image_tokens} of them for "
+                                              f"{len(req.mm_items)} images) reach session_len={self.session_len}")
         if not req.input_ids and req.params.max_new_tokens > 0 and seq.num_tokens == 0:
             return self._reject(req, "error", "the prompt is empty")
         if total >= self.session_len:
@@ -155,12 +160,16 @@ class LLMEngine:
         max_new = min(req.params.max_new_tokens, self.session_len - total)
         params = req.params if max_new == req.params.max_new_tokens else _with_max_new(req.params, max_new)
         prompt_ids = seq.token_ids + req.input_ids
+        input_ids = req.input_ids
+        if req.mm_items or seq.mm_items:
+            from ..vl.inputs import attach_items
+            input_ids, prompt_ids = attach_items(seq, req.input_ids, req.mm_items, self.runner.args.vocab_size)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params)
         matcher = None
         if params.grammar is not None:
             from ..guided import new_matcher
             matcher = new_matcher(params.grammar, params.stop_token_ids)
-        seq.start_turn(req.input_ids, params, req.emit, next(self._arrivals), keep_session=not req.sequence_end,
+        seq.start_turn(input_ids, params, req.emit, next(self._arrivals), keep_session=not req.sequence_end,
                        generator=make_generator(params.seed, self.runner.device), detokenizer=detok,
                        matcher=matcher)
         if max_new == 0:

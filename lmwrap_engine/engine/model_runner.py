@@ -72,6 +72,7 @@ class ModelRunner:
         self.config = config
         self.device = resolve_device(config.device_type)
         self.dtype = resolve_dtype(config.dtype, self.args, self.device)
+        self.args.disable_vision_encoder = config.disable_vision_encoder
         self.model = self._load_model(model_dir)
         self.step_context = StepContext()
         self.session_len = config.session_len or self.args.max_position_embeddings
@@ -186,6 +187,13 @@ class ModelRunner:
         if self._fits_decode_graphs(batch):
             return self.model.compute_logits(self._run_decode_graphs(batch))
         input_ids, positions, ctx, logits_indices = self._prepare(batch)
+        if any(s.mm_items for s in batch.seqs):  # images: their embeddings where they sit
+            from ..vl.inputs import multimodal_inputs
+            input_ids, embeds, positions = multimodal_inputs(self.model, batch, input_ids, positions,
+                                                             self.args.vocab_size)
+            with self.step_context.use(ctx):
+                hidden = self.model(input_ids, positions, embeds)
+            return self.model.compute_logits(hidden[logits_indices])
         with self.step_context.use(ctx):
             hidden = self.model(input_ids, positions)
         return self.model.compute_logits(hidden[logits_indices])
@@ -202,12 +210,14 @@ class ModelRunner:
     def _fits_decode_graphs(self, batch: ScheduledBatch) -> bool:
         graphs = self.decode_graphs
         return (graphs is not None and batch.num_decode_seqs == len(batch.seqs) <= graphs.max_batch_size
-                and all(len(s.block_table) <= graphs.max_blocks_per_seq for s in batch.seqs))
+                and all(len(s.block_table) <= graphs.max_blocks_per_seq for s in batch.seqs)
+                and all(s.token_ids[s.num_computed_tokens] < self.args.vocab_size for s in batch.seqs))
 
     def _run_decode_graphs(self, batch: ScheduledBatch) -> torch.Tensor:
         bs = self.block_size
         positions = [s.num_computed_tokens for s in batch.seqs]
         return self.decode_graphs.run(
-            input_ids=[s.token_ids[p] for s, p in zip(batch.seqs, positions)], positions=positions,
+            input_ids=[s.token_ids[p] for s, p in zip(batch.seqs, positions)],
+            positions=[p + s.mrope_delta for s, p in zip(batch.seqs, positions)],
             slots=[s.block_table[p // bs] * bs + p % bs for s, p in zip(batch.seqs, positions)],
             kv_lens=[p + 1 for p in positions], block_tables=[s.block_table for s in batch.seqs])

@@ -33,6 +33,9 @@ class Sequence:
         self.status = SequenceStatus.IDLE
         self.keep_session = False
         self.arrival = 0
+        # Images of the session, by offset; their placeholder token ids are pad ids (vl/inputs.py).
+        self.mm_items: list = []
+        self.mrope_delta = 0  # M-RoPE: how far text positions after the images are shifted
         # Per-turn state, reset by start_turn().
         self.params: Optional[SamplingParams] = None
         self.num_history_tokens = 0

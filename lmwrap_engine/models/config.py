@@ -22,12 +22,17 @@ class ModelArgs:
     tie_word_embeddings: bool
     attention_bias: bool
     dtype: Optional[str]
+    hf_config: Optional[dict] = None        # the whole config.json (a multimodal model reads its parts)
+    disable_vision_encoder: bool = False    # build and load only its text model
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
         archs = cfg.get("architectures") or []
         if not archs:
             raise ValueError("config.json has no 'architectures' entry; cannot tell which model to build")
+        raw = cfg
+        if isinstance(cfg.get("text_config"), dict):  # a vision-language model: the text model's fields
+            cfg = {**cfg, **cfg["text_config"]}
         rope = cfg.get("rope_parameters") or {}
         scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         num_heads = cfg["num_attention_heads"]
@@ -47,4 +52,5 @@ class ModelArgs:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", cfg.get("bias", False))),
             dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+            hf_config=raw,
         )

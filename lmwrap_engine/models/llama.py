@@ -85,8 +85,8 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(args.head_dim, args.max_position_embeddings, args.rope_theta,
                                       args.rope_scaling)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, input_embeds=None) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
         cos, sin = self.rotary.cos_sin(positions, torch.float32)
         residual = None
         for layer in self.layers:
@@ -113,8 +113,8 @@ class LlamaForCausalLM(nn.Module):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, input_embeds=None) -> torch.Tensor:
+        return self.model(input_ids, positions, input_embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

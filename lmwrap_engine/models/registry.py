@@ -6,6 +6,7 @@ from torch import nn
 from .config import ModelArgs
 from .internlm2 import InternLM2ForCausalLM
 from .llama import LlamaForCausalLM
+from .llava import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 from .qwen2 import Qwen2ForCausalLM
 from .qwen2_vl import Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
 from .qwen3 import Qwen3ForCausalLM
@@ -16,6 +17,8 @@ MODEL_CLASSES = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "InternLM2ForCausalLM": InternLM2ForCausalLM,
+    "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
+    "LlavaNextForConditionalGeneration": LlavaNextForConditionalGeneration,
     "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
 }
