@@ -174,12 +174,22 @@ class VisionAttention(nn.Module):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
         q, k = kernels.apply_rotary(q.contiguous(), k.contiguous(), cos, sin)
-        outs = []
-        # Attention stays within each image (each frame): segments of cu_seqlens, no mask needed.
-        for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-            qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))
-            outs.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(0, 1))
-        return self.proj(torch.cat(outs).reshape(n, -1))
+        return self.proj(segment_attention(q, k, v.contiguous(), cu_seqlens).reshape(n, -1))
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: List[int]) -> torch.Tensor:
+    """Bidirectional attention within each segment ``cu_seqlens[i]:cu_seqlens[i+1]`` of ``q/k/v [N, H, D]``.
+    Segments of equal length (the windows of Qwen2.5-VL, same-size images) run as one batched call."""
+    out = torch.empty_like(q)
+    by_len: dict = {}
+    for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        if e > s:
+            by_len.setdefault(e - s, []).append(s)
+    for n, starts in by_len.items():
+        idx = (torch.tensor(starts)[:, None] + torch.arange(n)).to(q.device)  # [S, n]
+        qs, ks, vs = (t[idx].transpose(1, 2) for t in (q, k, v))  # [S, H, n, D]
+        out[idx] = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)
+    return out
 
 
 class VisionMlp(nn.Module):
