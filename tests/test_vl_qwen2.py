@@ -437,12 +437,16 @@ def _engine_generate(path, prompts, config, rounds=1):
 
     gen = GenerationConfig(max_new_tokens=ENGINE_GREEDY_STEPS, ignore_eos=True)
     with pipeline(path, config) as pipe:
+        model = pipe._loop.engine.runner.model
+        encode, encoded = model.encode_images, []
+        model.encode_images = lambda items: encoded.extend(items) or encode(items)
         for _ in range(rounds):
             streams = [iter(pipe.stream_generate(p, gen_config=gen)) for p in prompts]
             deltas = [[next(s)] for s in streams]  # every request in flight before any finishes
             for d, s in zip(deltas, streams):
                 d.extend(s)
         stats = pipe.stats()
+    stats["num_images_encoded"] = len(encoded)
     return [[t for x in d for t in x.token_ids] for d in deltas], [d[-1].input_token_len for d in deltas], stats
 
 
@@ -461,6 +465,10 @@ def test_engine_greedy_matches_transformers(engine_case, mode):
     assert input_lens == [n for _, n, _ in cases], input_lens
     assert got == [exp for _, _, exp in cases]
     assert stats["num_free_blocks"] == stats["num_blocks"]
+    num_images = sum(len(p[1]) if isinstance(p, tuple) and isinstance(p[1], list) else isinstance(p, tuple)
+                     for p in prompts)
+    if mode in ("batched", "chunked", "preempted"):  # once each: chunks and recompute reuse the embeddings
+        assert stats["num_images_encoded"] == num_images
     if mode == "preempted":
         assert stats["num_preemptions"] > 0
     if mode == "prefix-cached":  # the second round reuses the image blocks and their M-RoPE positions
