@@ -27,24 +27,14 @@ import kernels
 # Config
 # ---------------------------------------------------------------------------------------------
 
-def text_config_of(cfg: dict) -> dict:
-    """The text model's fields: transformers 5 nests them under ``text_config``, 4.x keeps them on top."""
-    text = cfg.get("text_config") or {}
-    merged = {**cfg, **text, "architectures": cfg.get("architectures")}
-    if "tie_word_embeddings" in cfg:
-        merged["tie_word_embeddings"] = cfg["tie_word_embeddings"]
-    return merged
-
-
 def mrope_section_of(cfg: dict) -> List[int]:
-    text = text_config_of(cfg)
-    for key in ("rope_parameters", "rope_scaling"):
-        section = (text.get(key) or {}).get("mrope_section")
-        if section:
-            return list(section)
+    """``mrope_section`` from ``text_config.rope_parameters`` (transformers 5) or ``rope_scaling`` (4.x)."""
+    for scope in (cfg.get("text_config") or {}, cfg):
+        for key in ("rope_parameters", "rope_scaling"):
+            section = (scope.get(key) or {}).get("mrope_section")
+            if section:
+                return list(section)
     raise ValueError("Qwen2-VL config has no mrope_section in rope_parameters / rope_scaling")
-
-
 
 
 # ---------------------------------------------------------------------------------------------
