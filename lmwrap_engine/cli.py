@@ -125,6 +125,8 @@ def _api_server_args(p: argparse.ArgumentParser) -> None:
                    help="seconds after which an idle interactive session is ended (0: never; default 1800)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the model runs (auto: CUDA when present)")
+    p.add_argument("--disable-vision-encoder", action="store_true",
+                   help="serve a vision-language model as its text model only (no images)")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
                    help="log level of the server and the engine")
     p.add_argument("--max-log-len", type=int, default=None,
@@ -154,7 +156,8 @@ def cmd_api_server(args) -> None:
     common = dict(dtype=args.dtype, session_len=args.session_len, cache_max_entry_count=args.cache_max_entry_count,
                   num_gpu_blocks=args.num_gpu_blocks, max_prefill_token_num=args.max_prefill_token_num,
                   enable_prefix_caching=args.enable_prefix_caching, device_type=args.device,
-                  max_sessions=args.max_sessions, session_idle_timeout=args.session_idle_timeout or None)
+                  max_sessions=args.max_sessions, session_idle_timeout=args.session_idle_timeout or None,
+                  disable_vision_encoder=args.disable_vision_encoder)
     if args.backend == "pytorch":
         config = PytorchEngineConfig(block_size=args.cache_block_seq_len, max_batch_size=args.max_batch_size,
                                      **common)

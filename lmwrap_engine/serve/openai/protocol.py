@@ -176,7 +176,8 @@ def completion_logprobs(tokenizer, token_ids: List[int], logprobs: List[dict], t
 
 
 def flatten_messages(messages) -> object:
-    """OpenAI messages with text parts joined into a string content (images are not supported)."""
+    """OpenAI messages with text parts joined into a string content; a content with ``image_url`` parts is kept
+    as parts (the engine loads the images; a text-only model refuses them with a 400)."""
     if isinstance(messages, str):
         return messages
     if not messages:
@@ -187,13 +188,22 @@ def flatten_messages(messages) -> object:
             raise APIError(HTTPStatus.BAD_REQUEST, f"messages[{i}] needs a string 'role'.", "messages")
         content = message.get("content")
         if isinstance(content, list):
-            texts = []
+            texts, has_image = [], False
             for part in content:
+                if isinstance(part, dict) and part.get("type") == "image_url":
+                    url = part.get("image_url")
+                    url = url.get("url") if isinstance(url, dict) else None
+                    if not isinstance(url, str):
+                        raise APIError(HTTPStatus.BAD_REQUEST, f"messages[{i}].content: an image_url part needs "
+                                       "{'url': string}.", "messages")
+                    has_image = True
+                    continue
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise APIError(HTTPStatus.BAD_REQUEST, f"messages[{i}].content: only text parts are "
-                                   "supported.", "messages")
+                    raise APIError(HTTPStatus.BAD_REQUEST, f"messages[{i}].content: only text and image_url parts "
+                                   "are supported.", "messages")
                 texts.append(part["text"])
-            content = "".join(texts)
+            if not has_image:
+                content = "".join(texts)
         elif content is None:
             content = ""
         elif not isinstance(content, str):

@@ -17,6 +17,20 @@ from .replies import reply
 
 router = APIRouter()
 
+def with_images(prompt, image_url):
+    """lmdeploy's ``image_url`` of /v1/chat/interactive (a URL or a list of them) as image parts of the last
+    user message."""
+    if not image_url:
+        return prompt
+    urls = [image_url] if isinstance(image_url, str) else list(image_url)
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": [{"type": "text", "text": prompt}] + parts}]
+    last = prompt[-1]
+    content = last["content"] if isinstance(last["content"], list) else [{"type": "text", "text": last["content"]}]
+    return prompt[:-1] + [{**last, "content": content + parts}]
+
+
 NO_TURN = {"text": "", "tokens": 0, "input_tokens": 0, "history_tokens": 0, "finish_reason": "stop"}
 
 
@@ -33,7 +47,10 @@ async def chat_interactive(body: InteractiveRequest, request: Request, ctx: Serv
         await engine.stop_session(body.session_id)
         return dict(NO_TURN)
     if body.image_url:
-        raise APIError(HTTPStatus.BAD_REQUEST, "image_url is not supported.", "image_url")
+        try:
+            await asyncio.to_thread(engine.vision_processor)
+        except ValueError as exc:
+            raise APIError(HTTPStatus.BAD_REQUEST, f"image_url: {exc}", "image_url") from None
     if body.adapter_name:
         raise APIError(HTTPStatus.BAD_REQUEST, "LoRA adapters are not supported.", "adapter_name")
     sid = ctx.session_ids(body.session_id, 1)[0]
@@ -48,7 +65,8 @@ async def chat_interactive(body: InteractiveRequest, request: Request, ctx: Serv
         gen = gen_config({"max_new_tokens": "request_output_len"}, max_new_tokens=body.request_output_len,
                          stop_words=stop_words(body, engine.chat_template.stop_words), **sampling_kwargs(body, 0.8))
         start = await engine.session_tokens(sid) == 0
-        ids = await ctx.encode(flatten_messages(body.prompt), "prompt", do_preprocess=True, sequence_start=start,
+        ids = await ctx.encode(with_images(flatten_messages(body.prompt), body.image_url), "prompt",
+                               do_preprocess=True, sequence_start=start,
                                close_turn=not start and sid in ctx.cut_turns)
         job = Job(sid, ids, gen, sequence_start=start, sequence_end=sequence_end)
     except BaseException:
