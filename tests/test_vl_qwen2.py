@@ -508,7 +508,8 @@ def test_engine_session_with_images_in_two_turns(tiny):
 
 
 def test_engine_openai_messages_and_disabled_vision_encoder(tiny):
-    """An OpenAI message with an ``image_url`` data URL gives what the ``(text, image)`` form gives; with
+    """An OpenAI message with an ``image_url`` data URL, and ``<IMAGE_TOKEN>`` inside the text, give what
+    transformers gives for the same layout; with
     ``disable_vision_encoder`` the text model alone loads and serves text, and an image is a clear error."""
     import base64
     import io
@@ -524,8 +525,13 @@ def test_engine_openai_messages_and_disabled_vision_encoder(tiny):
                                              {"type": "image_url", "image_url": {"url": url}}]}]
     gen = GenerationConfig(max_new_tokens=6, ignore_eos=True)
     expected = hf_greedy(hf, processed(path, [None, "describe this image"], [img]), 6)
+    placed = hf_greedy(hf, processed(path, ["look at ", None, " and tell me"], [img]), 6)
     with pipeline(path, PytorchEngineConfig(dtype="float32", num_gpu_blocks=32, block_size=16)) as pipe:
         assert pipe(messages, gen_config=gen).token_ids == expected
+        # lmdeploy's <IMAGE_TOKEN> places an image inside the text
+        assert pipe(("look at <IMAGE_TOKEN> and tell me", img), gen_config=gen).token_ids == placed
+        with pytest.raises(ValueError, match="places 2 images"):
+            pipe.encode_prompt(("<IMAGE_TOKEN> or <IMAGE_TOKEN>?", [img]))
     text_expected = hf_greedy(hf, processed(path, ["The capital of France is"], []), 6)
     cfg = PytorchEngineConfig(dtype="float32", num_gpu_blocks=32, block_size=16, disable_vision_encoder=True)
     with pipeline(path, cfg) as pipe:
