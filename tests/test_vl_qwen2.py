@@ -570,3 +570,27 @@ def test_transformers4_config_and_language_model_weight_names(tiny, tmp_path):
                 for m in (ours, other))
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, atol=0, rtol=0)
+
+
+def test_api_server_openai_client_with_http_image(tmp_path_factory):
+    """Qwen2-VL through a real api_server process and the openai client: an image_url served from
+    127.0.0.1 gives transformers' greedy reply."""
+    openai = pytest.importorskip("openai")
+    from image_server import image_server, png_bytes
+    from serving import running_server, wait_blocks_free
+    from transformers import AutoTokenizer
+
+    path = build_tiny_qwen2_vl(str(tmp_path_factory.getbasetemp()))
+    hf = load_hf(path)
+    img = images([SIZES[1]], seed=7)[0]
+    expected = AutoTokenizer.from_pretrained(path).decode(
+        hf_greedy(hf, processed(path, [None, "describe this image"], [img]), 6))
+    with image_server({"a.png": png_bytes(img)}) as images_url, \
+            running_server(path, "--dtype", "float32", "--num-gpu-blocks", "32",
+                           "--cache-block-seq-len", "16") as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        r = client.chat.completions.create(model=path, max_tokens=6, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "text", "text": "describe this image"},
+                                         {"type": "image_url", "image_url": {"url": images_url + "/a.png"}}]}])
+        assert r.choices[0].message.content == expected
+        assert wait_blocks_free(url)["lmwrap_kv_cache_blocks_used"] == 0
