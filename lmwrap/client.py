@@ -10,6 +10,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import requests
 
 from .base import AsyncBaseLLM, BaseLLM, Delta, LLMError, ModelStatusCode, Session, resolve_meta_template
+from .prompt import prompt_images
 
 logger = logging.getLogger('lmwrap')
 
@@ -97,6 +98,8 @@ class LMDeployClient(BaseLLM):
             response.close()  # a stream closed early drops the connection: the server stops the request
 
     def _generate_batch(self, prompts: List[str], gen_params: Dict[str, Any]) -> List[str]:
+        if any(prompt_images(p) for p in prompts):  # images travel per request: one request per prompt
+            return [self._complete(p, gen_params, Session()) for p in prompts]
         body = self._request_body(prompts, gen_params, Session(), stream=False)
         response = self._post('/v1/completions', body, gen_params.get('timeout', self.timeout), stream=False)
         with response:
@@ -173,6 +176,10 @@ class LMDeployClient(BaseLLM):
                 body[name] = params[name]
         if stream:
             body['stream_options'] = dict(include_usage=True)
+        images = prompt_images(prompt)
+        if images:  # an lmwrap api_server extension of /v1/completions: the prompt places them with IMAGE_TOKEN
+            body['prompt'] = str(prompt)
+            body['image_url'] = [image_url(im) for im in images]
         if session.session_id is not None:
             body['session_id'] = session.session_id
         if not (session.sequence_start and session.sequence_end):
@@ -334,3 +341,30 @@ def _is_refused(error: requests.ConnectionError) -> bool:
     """Whether nothing listened on the port (requests wraps urllib3's wrapping of ConnectionRefusedError)."""
     text = str(error)
     return 'Connection refused' in text or '[Errno 111]' in text
+
+
+def image_url(image) -> str:
+    """An image as a URL the server can load: http(s) and data URLs as they are; a local path or a PIL
+    image as a ``data:`` URL (the server may not see this machine's files)."""
+    import base64
+    import io
+    import mimetypes
+    import os
+    if isinstance(image, str) and image.startswith(('http://', 'https://', 'data:')):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        path = path[len('file://'):] if path.startswith('file://') else path
+        try:
+            with open(path, 'rb') as f:
+                data = f.read()
+        except OSError as exc:
+            raise ValueError(f'cannot read image {path!r}: {exc.strerror or exc}') from None
+        mime = mimetypes.guess_type(path)[0] or 'image/png'
+    elif hasattr(image, 'save'):  # a PIL image
+        buf = io.BytesIO()
+        image.save(buf, format='PNG')
+        data, mime = buf.getvalue(), 'image/png'
+    else:
+        raise TypeError(f'an image must be a URL, a path or a PIL image, got {type(image).__name__}')
+    return f'data:{mime};base64,' + base64.b64encode(data).decode()

@@ -5,7 +5,7 @@ from dataclasses import fields
 from typing import Any, Dict, Iterator, List, Optional
 
 from .base import AsyncBaseLLM, BaseLLM, Delta, LLMError, ModelStatusCode, Session, auto_meta_template
-from .prompt import LMTemplateParser
+from .prompt import LMTemplateParser, prompt_images
 
 logger = logging.getLogger('lmwrap')
 
@@ -67,7 +67,8 @@ class LMDeployPipeline(BaseLLM):
     def _stream(self, prompt: str, gen_params: Dict[str, Any], session: Session) -> Iterator[Delta]:
         gen_config, do_preprocess = self._request_config(gen_params)
         # session_id None: the engine picks a fresh id. Closing the iterator early stops the request.
-        responses = self.model.stream_generate(prompt, session_id=session.session_id, gen_config=gen_config,
+        responses = self.model.stream_generate(_engine_prompt(prompt), session_id=session.session_id,
+                                        gen_config=gen_config,
                                         sequence_start=session.sequence_start, sequence_end=session.sequence_end,
                                         do_preprocess=do_preprocess)
         try:
@@ -80,7 +81,8 @@ class LMDeployPipeline(BaseLLM):
 
     def _generate_batch(self, prompts: List[str], gen_params: Dict[str, Any]) -> List[str]:
         gen_config, do_preprocess = self._request_config(gen_params)
-        responses = self.model.batch_infer(prompts, gen_config=gen_config, do_preprocess=do_preprocess)
+        responses = self.model.batch_infer([_engine_prompt(p) for p in prompts], gen_config=gen_config,
+                                           do_preprocess=do_preprocess)
         for response in responses:
             _raise_if_failed(response.finish_reason, response.text, response.generate_token_len,
                              response.input_token_len, gen_config)
@@ -121,7 +123,7 @@ class AsyncLMDeployPipeline(AsyncBaseLLM, LMDeployPipeline):
 
     async def _astream(self, prompt: str, gen_params: Dict[str, Any], session: Session):
         gen_config, do_preprocess = self._request_config(gen_params)
-        outputs = self.model.generate(prompt, session.session_id, gen_config, sequence_start=session.sequence_start,
+        outputs = self.model.generate(_engine_prompt(prompt), session.session_id, gen_config, sequence_start=session.sequence_start,
                                   sequence_end=session.sequence_end, do_preprocess=do_preprocess)
         try:
             async for out in outputs:
@@ -130,6 +132,12 @@ class AsyncLMDeployPipeline(AsyncBaseLLM, LMDeployPipeline):
                 yield Delta(out.response, out.generate_token_len, out.finish_reason)
         finally:
             await outputs.aclose()  # stops the request if it is still running
+
+
+def _engine_prompt(prompt):
+    """The engine's form of a prompt: ``(text, images)`` when the meta template placed images in it."""
+    images = prompt_images(prompt)
+    return (str(prompt), images) if images else prompt
 
 
 def _raise_if_failed(reason: Optional[str], text: str, num_generated: int, num_input: int, gen_config) -> None:

@@ -4,6 +4,51 @@ from typing import Dict, List, Optional, Sequence, Union
 Message = Dict[str, str]
 Dialog = List[Union[str, Message]]
 
+# Where an image sits in a prompt (lmdeploy's placeholder; the same string as lmwrap_engine.vl.IMAGE_TOKEN).
+IMAGE_TOKEN = '<IMAGE_TOKEN>'
+IMAGE_PART_TYPES = ('image_url', 'image_data', 'image')
+
+
+class ImagePrompt(str):
+    """A prompt string with ``IMAGE_TOKEN`` where each of its ``images`` sits (URLs, paths or PIL images,
+    in order): what the template parser builds from messages whose content has image parts."""
+
+    def __new__(cls, text: str, images: list):
+        obj = super().__new__(cls, text)
+        obj.images = list(images)
+        return obj
+
+
+def prompt_images(prompt) -> list:
+    """The images of a prompt (``[]`` for a plain str)."""
+    return list(getattr(prompt, 'images', None) or [])
+
+
+def _content_text(message: dict, images: list) -> str:
+    """A message's content as text; image parts become ``IMAGE_TOKEN`` lines before the text (lmdeploy's
+    rule, unless the text places them itself) and are appended to ``images``."""
+    content = message.get('content', '')
+    if isinstance(content, str):
+        return content
+    texts, mine = [], []
+    for part in content:
+        kind = part.get('type') if isinstance(part, dict) else None
+        if kind == 'text' and isinstance(part.get('text'), str):
+            texts.append(part['text'])
+        elif kind in IMAGE_PART_TYPES:
+            value = part.get(kind)
+            source = (value.get('url', value.get('data')) if isinstance(value, dict) else value)
+            if source is None:
+                raise ValueError(f'image part {part!r} names no image (image_url.url)')
+            mine.append(source)
+        else:
+            raise TypeError(f'a content part must be a text or image_url dict, got {part!r}')
+    text = ''.join(texts)
+    images += mine
+    if mine and IMAGE_TOKEN not in text:
+        text = f'{IMAGE_TOKEN}\n' * len(mine) + text
+    return text
+
 
 class LMTemplateParser:
     """Renders a dialog (role dicts and raw strings) into one prompt string, as lagent 0.2.4 does.
@@ -43,12 +88,17 @@ class LMTemplateParser:
             raise TypeError(f'a dialog must be a str or a list of messages, got {type(dialog).__name__}')
         for item in dialog:
             _check_message(item)
+        images: list = []
+        dialog = [item if isinstance(item, str) else {**item, 'content': _content_text(item, images)}
+                  for item in dialog]
         if not self.meta_template:
             parts = [item if isinstance(item, str) else item.get('content', '') for item in dialog]
-            return '\n'.join(part for part in parts if part)
-        last = len(dialog) - 1
-        return ''.join(item if isinstance(item, str) else self._render(item, index == last)
-                       for index, item in enumerate(dialog))
+            text = '\n'.join(part for part in parts if part)
+        else:
+            last = len(dialog) - 1
+            text = ''.join(item if isinstance(item, str) else self._render(item, index == last)
+                           for index, item in enumerate(dialog))
+        return ImagePrompt(text, images) if images else text
 
     def _role_config(self, role: str) -> dict:
         if role not in self.roles:
@@ -74,9 +124,12 @@ def _check_message(item) -> None:
         raise TypeError(f'a message must be a dict (or a str), got {type(item).__name__}: {item!r}')
     if 'role' not in item:
         raise ValueError(f'message {item!r} has no "role"')
-    if not isinstance(item.get('content', ''), str):
-        raise TypeError(f'message content must be a str, got {type(item["content"]).__name__} '
-                        f'in {item!r}')
+    content = item.get('content', '')
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        return  # OpenAI content parts: text and images
+    if not isinstance(content, str):
+        raise TypeError(f'message content must be a str or a list of content parts, got '
+                        f'{type(item["content"]).__name__} in {item!r}')
 
 
 def _format_begin(cfg: dict, message: Message) -> str:

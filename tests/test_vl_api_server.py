@@ -78,7 +78,7 @@ def test_interactive_image_url(url, images_url, expected):
 def test_bad_images_are_400_and_the_server_keeps_serving(url, images_url, llava_dir, expected):
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
     for bad, words in ((images_url + "/missing.png", "HTTP 404"), ("data:image/png;base64,AAAA", "not a readable"),
-                       ("ftp://x/y.png", "cannot load image")):
+                       ("ftp://x/y.png", "http\(s\) or data: URL"), ("/etc/hosts.png", "http\(s\) or data: URL")):
         with pytest.raises(openai.BadRequestError, match=words):
             client.chat.completions.create(model=llava_dir, max_tokens=N, messages=[
                 {"role": "user", "content": [{"type": "text", "text": "describe"}, image_part(bad)]}])

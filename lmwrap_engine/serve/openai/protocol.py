@@ -75,6 +75,8 @@ class CompletionRequest(_OpenAIRequest):
     # none), sequence_end=False keeps it for the next call. Unset: a one-off request, as lmdeploy.
     sequence_start: Optional[bool] = None
     sequence_end: Optional[bool] = None
+    # lmwrap extension (lmwrap.LMDeployClient): images of one str prompt that places each with <IMAGE_TOKEN>.
+    image_url: Optional[Union[str, List[str]]] = None
 
 
 class InteractiveRequest(BaseModel):
@@ -175,6 +177,16 @@ def completion_logprobs(tokenizer, token_ids: List[int], logprobs: List[dict], t
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
+def check_image_urls(urls, param: str) -> list:
+    """A request's image URLs; only http(s) and data URLs (a client must not make the server read its files)."""
+    urls = [urls] if isinstance(urls, str) else list(urls or [])
+    for url in urls:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://", "data:")):
+            raise APIError(HTTPStatus.BAD_REQUEST, f"{param}: an image URL must be an http(s) or data: URL, "
+                           f"got {str(url)[:80]!r}.", param)
+    return urls
+
+
 def flatten_messages(messages) -> object:
     """OpenAI messages with text parts joined into a string content; a content with ``image_url`` parts is kept
     as parts (the engine loads the images; a text-only model refuses them with a 400)."""
@@ -196,6 +208,7 @@ def flatten_messages(messages) -> object:
                     if not isinstance(url, str):
                         raise APIError(HTTPStatus.BAD_REQUEST, f"messages[{i}].content: an image_url part needs "
                                        "{'url': string}.", "messages")
+                    check_image_urls(url, "messages")
                     has_image = True
                     continue
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from .context import Choice, Job, ServerContext, server_context
 from .errors import APIError
 from .params import gen_config, sampling_kwargs, stop_words
-from .protocol import EncodeRequest, GenerateRequest, InteractiveRequest, flatten_messages
+from .protocol import EncodeRequest, GenerateRequest, InteractiveRequest, check_image_urls, flatten_messages
 from .replies import reply
 
 router = APIRouter()
@@ -47,6 +47,7 @@ async def chat_interactive(body: InteractiveRequest, request: Request, ctx: Serv
         await engine.stop_session(body.session_id)
         return dict(NO_TURN)
     if body.image_url:
+        check_image_urls(body.image_url, "image_url")
         try:
             await asyncio.to_thread(engine.vision_processor)
         except ValueError as exc:

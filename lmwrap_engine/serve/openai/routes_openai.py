@@ -13,7 +13,7 @@ from .context import SERVER_SESSION_BASE, Choice, Job, ServerContext, server_con
 from .errors import APIError
 from .params import check_n, gen_config, response_format, sampling_kwargs, seeded, stop_words
 from .protocol import ChatCompletionRequest, CompletionRequest, chat_logprobs, completion_logprobs, \
-    flatten_messages, usage
+    check_image_urls, flatten_messages, usage
 from .replies import reply
 from .tool_parsers import ToolCallStream
 from .tools import plan_tools
@@ -145,6 +145,8 @@ async def completions(body: CompletionRequest, request: Request, ctx: ServerCont
         prompts = [prompts]
     if not prompts:
         raise APIError(HTTPStatus.BAD_REQUEST, "The prompt is empty.", "prompt")
+    if body.image_url and not (len(prompts) == 1 and isinstance(prompts[0], str)):
+        raise APIError(HTTPStatus.BAD_REQUEST, "image_url needs one str prompt.", "image_url")
     kept = body.sequence_start is not None or body.sequence_end is not None
     start, end = body.sequence_start is not False, body.sequence_end is not False
     if kept and (body.session_id is None or body.session_id < 0 or len(prompts) != 1 or n != 1):
@@ -167,7 +169,10 @@ async def completions(body: CompletionRequest, request: Request, ctx: ServerCont
             await ctx.engine.end_session(base)  # a new conversation replaces what the session held
         jobs, echoes = [], []
         for p, prompt in enumerate(prompts):
-            if isinstance(prompt, str):
+            if body.image_url:
+                urls = check_image_urls(body.image_url, "image_url")
+                ids = await ctx.encode((prompt, urls), "prompt", do_preprocess=False, sequence_start=start)
+            elif isinstance(prompt, str):
                 ids = await ctx.encode(prompt, "prompt", do_preprocess=False, sequence_start=start)
             else:
                 ids = ctx.check_ids(list(prompt), "prompt")
