@@ -172,3 +172,43 @@ def _data_url(image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_stream_infer_generate_and_chat_sessions(vl_model):
+    """The issue's forms: stream_infer over messages with image_url, async generate, chat sessions with an
+    image per turn, lmdeploy's builtin vicuna template, and a session step that would cut an image."""
+    import asyncio
+
+    from lmwrap_engine import ChatTemplateConfig
+    from lmwrap_engine.vl import load_image_from_url, pipeline as vl_pipeline
+    path, ref, processor = vl_model
+    data_url = _data_url(IMAGES[1])
+    messages = [{"role": "user", "content": [{"type": "text", "text": "describe"},
+                                             {"type": "image_url", "image_url": {"url": data_url}}]}]
+    want = hf_greedy(ref, processor, template("describe", 1), [load_image_from_url(data_url)])[1]
+    with vl_pipeline(path, backend_config=tiny_config()) as pipe:
+        deltas = list(pipe.stream_infer([messages], gen_config=GREEDY))
+        assert [t for d in deltas for t in d.token_ids] == want
+
+        async def agen():
+            return [t async for out in pipe.generate(messages, None, GREEDY) for t in out.token_ids]
+        assert asyncio.run(agen()) == want
+        # two turns, an image each: the second continues the first's KV with its own image
+        session = pipe.chat(("hello world", IMAGES[0]), gen_config=GREEDY)
+        first_len = session._step
+        session = pipe.chat(("describe", IMAGES[1]), session=session, gen_config=GREEDY)
+        assert session.response.generate_token_len == N_NEW and session._step > first_len
+        engine = pipe._loop.engine
+        items = pipe._loop.ask(lambda e: [(it.offset, it.length) for it in e.sessions[session._id].seq.mm_items]).result()
+        assert len(items) == 2 and items[1][0] >= first_len
+        out = list(pipe.stream_generate(input_ids=[5, 6], session_id=session._id, sequence_start=False,
+                                        step=items[1][0] + 1, gen_config=GREEDY))
+        assert out[-1].finish_reason == "error" and "cuts an image" in out[-1].text
+        session.close()
+        assert engine is pipe._loop.engine
+    with pipeline(path, backend_config=tiny_config(), chat_template_config=ChatTemplateConfig("vicuna")) as pipe:
+        ids = pipe.encode_prompt(("describe", [IMAGES[0], IMAGES[1]]))
+        assert [it.offset for it in ids.mm_items] == sorted(it.offset for it in ids.mm_items)
+        text = pipe.tokenizer.decode(ids)
+        assert text.index("<image>") < text.index("describe") and "USER: " in text
+        assert pipe(("describe", IMAGES[0]), gen_config=GREEDY).generate_token_len == N_NEW

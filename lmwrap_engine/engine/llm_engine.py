@@ -140,6 +140,8 @@ class LLMEngine:
             return self._reject(req, "error", f"session {req.session_id} has no history: start it with "
                                               "sequence_start=True")
         seq = session.seq
+        if any(it.offset < req.step < it.end for it in seq.mm_items):
+            return self._reject(req, "error", f"step {req.step} cuts an image of session {req.session_id} in two")
         if 0 < req.step < seq.num_tokens:
             self.block_manager.truncate(seq, req.step)
         elif not 0 <= req.step <= seq.num_tokens:
