@@ -273,6 +273,10 @@ def test_processor_matches_transformers_expansion(tiny):
         want = ours.encode_pixels(ref["pixel_values"], ref["image_grid_thw"].tolist())
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+    # The model's own template output (image parts as <|vision_start|><|image_pad|><|vision_end|>) encodes the same.
+    content = [{"type": "image"}] * 3 + [{"type": "text", "text": "compare them"}]
+    native = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    assert proc.encode(native, imgs, add_special_tokens=False)[0] == ids
     with pytest.raises(ValueError, match="places 1 images"):
         proc.encode(prompt.replace(IMAGE_TOKEN, "", 2), imgs, add_special_tokens=False)
 

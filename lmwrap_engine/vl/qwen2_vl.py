@@ -33,6 +33,8 @@ class Qwen2VLProcessor(VisionProcessor):
         return self.hf_config.get("image_token_id", self.tokenizer.convert_tokens_to_ids(IMAGE_PAD))
 
     def encode(self, prompt: str, images: list, add_special_tokens: bool) -> Tuple[List[int], List[MultimodalItem]]:
+        # Qwen's own placeholder (what its HF chat template writes for an image part) counts as one too.
+        prompt = prompt.replace(VISION_START + IMAGE_PAD + VISION_END, IMAGE_TOKEN)
         count = prompt.count(IMAGE_TOKEN)
         if count != len(images):
             raise ValueError(f"the prompt places {count} images ({IMAGE_TOKEN!r}) but {len(images)} were given")
