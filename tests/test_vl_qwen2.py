@@ -536,6 +536,8 @@ def test_engine_openai_messages_and_disabled_vision_encoder(tiny):
         assert pipe(("look at <IMAGE_TOKEN> and tell me", img), gen_config=gen).token_ids == placed
         with pytest.raises(ValueError, match="places 2 images"):
             pipe.encode_prompt(("<IMAGE_TOKEN> or <IMAGE_TOKEN>?", [img]))
+        with pytest.raises(ValueError, match="aspect ratio.*5000x10"):
+            pipe.encode_prompt(("describe", [img, images([(5000, 10)])[0]]))
     text_expected = hf_greedy(hf, processed(path, ["The capital of France is"], []), 6)
     cfg = PytorchEngineConfig(dtype="float32", num_gpu_blocks=32, block_size=16, disable_vision_encoder=True)
     with pipeline(path, cfg) as pipe:

@@ -42,7 +42,11 @@ class Qwen2VLProcessor(VisionProcessor):
             return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens), []
         # A template (or user) that already wraps the placeholder in vision_start/end keeps one pair.
         prompt = prompt.replace(VISION_START + IMAGE_TOKEN + VISION_END, IMAGE_TOKEN)
-        out = self.image_processor(images=list(images), return_tensors="pt")
+        try:
+            out = self.image_processor(images=list(images), return_tensors="pt")
+        except ValueError as e:  # e.g. an aspect ratio over 200: name the images, not just the rule
+            sizes = ", ".join(f"{im.width}x{im.height}" for im in images)
+            raise ValueError(f"the image processor refused an image ({e}); image sizes: {sizes}") from e
         grids = out["image_grid_thw"]
         lengths = [int(g.prod()) // self.merge_size ** 2 for g in grids]
         pieces = prompt.split(IMAGE_TOKEN)
