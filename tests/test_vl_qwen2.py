@@ -477,6 +477,8 @@ def test_engine_greedy_matches_transformers(engine_case, mode):
         assert stats["num_preemptions"] > 0
     if mode == "prefix-cached":  # the second round reuses the image blocks and their M-RoPE positions
         assert stats["num_prefix_hit_tokens"] >= sum(n for _, n, _ in cases) - 4 * len(cases)
+        # ... and encodes no image: each is followed by more than a block of text, so all its tokens hit
+        assert stats["num_images_encoded"] == num_images
 
 
 def test_engine_session_with_images_in_two_turns(tiny):
