@@ -302,9 +302,10 @@ class VisionTransformer(nn.Module):
         grids = [tuple(int(v) for v in g) for g in grid_thw]
         x = self.patch_embed(pixel_values)
         cos, sin = self._rotary(grids, x.device)
-        cu_full = [0]
+        cu_full = [0]  # full attention stays within each frame of each image
         for t, h, w in grids:
-            cu_full.extend(cu_full[-1] + h * w * (i + 1) for i in range(t))
+            for _ in range(t):
+                cu_full.append(cu_full[-1] + h * w)
         window_index = None
         if self.qwen25:
             window_index, cu_win = self._windows(grids)
