@@ -79,6 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--no-enable-prefix-caching measures the cache's overhead)")
     parser.add_argument("--response-format", default=None, choices=sorted(RESPONSE_FORMATS),
                         help="constrain every request (json: a small JSON schema) to measure structured output")
+    parser.add_argument("--images", type=int, default=0, metavar="N",
+                        help="a vision-language model, N random images per request (see lmwrap_engine/bench_vl.py)")
+    parser.add_argument("--image-size", type=int, nargs=2, default=(64, 512), metavar=("MIN", "MAX"),
+                        help="with --images: image sides uniform in this range of pixels")
 
 
 def _sharegpt_like_length(rng: random.Random, mu_sigma, bounds) -> int:
@@ -213,6 +217,9 @@ def throughput(args) -> None:
                          f"omit the model argument ({args.model!r})")
     if args.hf_num_requests is not None and args.hf_num_requests < 1:
         raise SystemExit(f"lmwrap bench throughput: --hf-num-requests must be >= 1, got {args.hf_num_requests}")
+    if getattr(args, "images", 0):
+        from .bench_vl import throughput_images
+        return throughput_images(args)
     input_len, output_len = _length_bounds(args)
     pipe = _open_pipeline(args)
     device, dtype, model_dir = pipe.device, pipe.dtype, pipe.model_dir
