@@ -163,6 +163,14 @@ def test_vision_tower_matches_transformers(tiny):
     assert [g.shape for g in got] == [r.shape for r in ref]
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+    # Grids with several frames (t > 1: attention per frame) and an 8x12 one (several Qwen2.5 windows).
+    grid = torch.tensor([[2, 4, 6], [1, 8, 12]])
+    pixels = torch.randn(int(grid.prod(-1).sum()), inputs["pixel_values"].shape[1],
+                         generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf.model.visual(pixels, grid_thw=grid).pooler_output
+        got = torch.cat(ours.encode_pixels(pixels, grid.tolist()))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_rope_index_matches_transformers(tiny):
