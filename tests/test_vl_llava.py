@@ -110,7 +110,10 @@ def test_preemption_recomputes_without_reencoding(vl_model, monkeypatch):
     path, ref, processor = vl_model
     prompts = [(f"hello world {i}", [IMAGES[i % 3], IMAGES[(i + 1) % 3]]) for i in range(4)]
     expected = [hf_greedy(ref, processor, template(t, 2), ims, n=24)[1] for t, ims in prompts]
-    cfg = tiny_config(num_gpu_blocks=14, block_size=16, enable_prefix_caching=False)
+    with pipeline(path, backend_config=tiny_config()) as pipe:
+        first_two = sum(-(-len(pipe.encode_prompt(p)) // 16) for p in prompts[:2])
+    # The first two prompts fit at once, but not once both have grown by 24 tokens: one is preempted.
+    cfg = tiny_config(num_gpu_blocks=first_two + 1, block_size=16, enable_prefix_caching=False)
     with pipeline(path, backend_config=cfg) as pipe:
         model = pipe._loop.engine.runner.model
         encoded = []
@@ -126,7 +129,7 @@ def test_preemption_recomputes_without_reencoding(vl_model, monkeypatch):
 
 def test_prefix_cache_tells_images_apart(vl_model, monkeypatch):
     path, ref, processor = vl_model
-    with pipeline(path, backend_config=tiny_config(block_size=4)) as pipe:
+    with pipeline(path, backend_config=tiny_config(block_size=4, num_gpu_blocks=128)) as pipe:
         a = pipe(("hello world", IMAGES[0]), gen_config=GREEDY)
         before = pipe.stats()
         b = pipe(("hello world", IMAGES[1]), gen_config=GREEDY)
