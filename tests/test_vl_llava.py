@@ -215,3 +215,18 @@ def test_stream_infer_generate_and_chat_sessions(vl_model):
         text = pipe.tokenizer.decode(ids)
         assert text.index("<image>") < text.index("describe") and "USER: " in text
         assert pipe(("describe", IMAGES[0]), gen_config=GREEDY).generate_token_len == N_NEW
+
+
+@pytest.mark.parametrize("next_, strategy", [(False, "full"), (True, "default")], ids=["llava-1.5", "llava-next"])
+def test_features_of_several_layers(tiny_root, next_, strategy):
+    """A list of vision layers (concatenated); LLaVA 1.5 with vision_feature_select_strategy='full' (CLS kept;
+    transformers' LLaVA-NeXT cannot pack those)."""
+    path = build_tiny_llava(tiny_root, next_=next_, feature_layer=[-3, -1], strategy=strategy)
+    ref, processor = load_reference(path), load_processor(path)
+    images = IMAGES[:2]
+    ref_ids, want, ref_logits = hf_greedy(ref, processor, template("hello world", 2), images)
+    with pipeline(path, backend_config=tiny_config()) as pipe:
+        ids, logits, _ = engine_logits(pipe, ("hello world", images), [len(ref_ids)])
+        assert ids == ref_ids
+        torch.testing.assert_close(logits, ref_logits, atol=2e-4, rtol=1e-4)
+        assert pipe(("hello world", images), gen_config=GREEDY).token_ids == want

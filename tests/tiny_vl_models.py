@@ -60,13 +60,15 @@ def _configs(tokenizer, image_size: int):
     return vision, text
 
 
-def build_tiny_llava(root: str, seed: int = 0, next_: bool = False) -> str:
+def build_tiny_llava(root: str, seed: int = 0, next_: bool = False, feature_layer=-2, strategy: str = "default") -> str:
     """LLaVA 1.5 (``next_=False``: a 32px image in 8px patches -> 16 tokens) or LLaVA-NeXT (any-resolution
     tiling over 32px tiles) with a tiny CLIP tower and a tiny Llama; returns the folder."""
     from transformers import (CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
                               LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor,
                               LlavaProcessor)
-    path = os.path.join(root, f"{'llava-next' if next_ else 'llava'}-s{seed}")
+    layers = "_".join(str(x) for x in (feature_layer if isinstance(feature_layer, list) else [feature_layer]))
+    tag = "" if (feature_layer, strategy) == (-2, "default") else f"-{strategy}{layers}"
+    path = os.path.join(root, f"{'llava-next' if next_ else 'llava'}{tag}-s{seed}")
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     tokenizer = _tokenizer(root)
@@ -79,20 +81,20 @@ def build_tiny_llava(root: str, seed: int = 0, next_: bool = False) -> str:
     if next_:
         pinpoints = [[32, 64], [64, 32], [64, 64]]
         config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
-                                 image_grid_pinpoints=pinpoints, vision_feature_layer=-2,
-                                 vision_feature_select_strategy="default")
+                                 image_grid_pinpoints=pinpoints, vision_feature_layer=feature_layer,
+                                 vision_feature_select_strategy=strategy)
         model = LlavaNextForConditionalGeneration(config)
         image_processor = LlavaNextImageProcessor(size=size, crop_size=crop, image_grid_pinpoints=pinpoints)
         processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
-                                       vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE,
+                                       vision_feature_select_strategy=strategy, chat_template=LLAVA_TEMPLATE,
                                        num_additional_image_tokens=1)
     else:
         config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
-                             vision_feature_layer=-2, vision_feature_select_strategy="default")
+                             vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy)
         model = LlavaForConditionalGeneration(config)
         image_processor = CLIPImageProcessor(size=size, crop_size=crop)
         processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
-                                   vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE,
+                                   vision_feature_select_strategy=strategy, chat_template=LLAVA_TEMPLATE,
                                        num_additional_image_tokens=1)
     _widen(model)
     model = model.float()
