@@ -9,6 +9,7 @@ import json
 import logging
 import queue
 import random
+import re
 import threading
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -331,6 +332,8 @@ class TritonClient(BaseLLM):
         """The text the ids add to ``text_so_far`` (postprocessing decodes the whole reply), or None while
         it ends in half a character."""
         import numpy as np
+        if not ids:
+            return ''
         tokens = self._grpc.InferInput('TOKENS_BATCH', [1, 1, len(ids)], 'UINT32')
         tokens.set_data_from_numpy(np.array([[ids]], dtype=np.uint32).reshape(1, 1, len(ids)))
         offset = self._grpc.InferInput('sequence_length', [1, 1], 'UINT32')
@@ -365,12 +368,19 @@ class TritonClient(BaseLLM):
                             ModelStatusCode.SESSION_INVALID_ARG)
         if 'DEADLINE' in status:
             return LLMError(f'the Triton server at {self.tritonserver_addr} did not answer in time: {message}')
-        last = message.strip().splitlines()[-1] if message.strip() else message
+        last = _reason(message)
         if 'session_len' in last:
             return LLMError(f'model {model!r} refused the request: {last}', ModelStatusCode.SESSION_OUT_OF_LIMIT)
         if 'no history' in last:
             return LLMError(f'model {model!r} refused the request: {last}', ModelStatusCode.SESSION_CLOSED)
         return LLMError(f'model {model!r} on the Triton server at {self.tritonserver_addr} failed: {last}')
+
+
+def _reason(message: str) -> str:
+    """The error line of a Triton error (pytriton sends the infer function's whole traceback)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r'^[\w.]*(Error|Exception): ', line)]
+    return errors[-1] if errors else (lines[-1] if lines else message)
 
 
 _NUMPY = {'UINT32': 'uint32', 'UINT64': 'uint64', 'INT32': 'int32', 'FP32': 'float32', 'BOOL': 'bool'}

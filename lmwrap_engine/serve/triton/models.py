@@ -67,7 +67,9 @@ class TritonModels:
             offsets = np.asarray(request["sequence_length"]).reshape(-1)
             skip = request.get("skip_special_tokens")
             skip = bool(np.asarray(skip).reshape(-1)[0]) if skip is not None else True
-            rows = tokens.reshape(-1, tokens.shape[-1]) if tokens.ndim else tokens.reshape(1, 1)
+            if tokens.ndim == 0:
+                raise ValueError("TOKENS_BATCH must be [batch, beam, tokens], got a scalar")
+            rows = tokens.reshape(int(np.prod(tokens.shape[:-1])), tokens.shape[-1])
             if len(offsets) not in (1, len(rows)):
                 raise ValueError(f"sequence_length has {len(offsets)} values for {len(rows)} token rows")
             texts = [self._decode([int(t) for t in row], int(offsets[min(i, len(offsets) - 1)]), skip)
