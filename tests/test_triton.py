@@ -267,7 +267,7 @@ def test_react_agent_through_triton_client(server):
         result = agent.chat(dialog)
         answers[kind] = ([a.type for a in result.actions], result.response)
     assert answers['triton'] == answers['pipeline']
-    assert answers['triton'][0] == ['PythonInterpreter'], answers
+    assert answers['triton'][0][0] == 'PythonInterpreter', answers
     assert '391' in answers['triton'][1]
 
 

@@ -45,7 +45,7 @@ class TritonModels:
         for request in requests:
             queries = [_text(q) for q in np.asarray(request["QUERY"]).reshape(-1)]
             rows = [self._encode(query) for query in queries]
-            width = max(len(row) for row in rows)
+            width = max(1, max(len(row) for row in rows))  # an empty text: one pad id, length 0
             ids = np.zeros((len(rows), width), dtype=np.uint32)
             for i, row in enumerate(rows):
                 ids[i, :len(row)] = row
