@@ -34,7 +34,7 @@ class TritonClient(BaseLLM):
             to call.
         session_len: the longest session (prompt + history + reply) this client asks for; a turn
             that would pass it ends with ``SESSION_OUT_OF_LIMIT`` before anything is sent.
-        log_level: the ``lmwrap`` logger's level (lagent's argument).
+        log_level: accepted for lagent's signature (lmwrap logs through the ``lmwrap`` logger).
         protocol: ``'turbomind'``: lmdeploy's ``preprocessing`` / ``turbomind`` / ``postprocessing``
             models (sessions, cancel, token counts); ``'text'``: one model in Triton's LLM
             convention (``text_input`` / ``sampling_parameters`` / ``text_output``, as vLLM's and
@@ -67,7 +67,7 @@ class TritonClient(BaseLLM):
             raise ValueError("protocol='text' needs model_name= the Triton model to call")
         import tritonclient.grpc as grpcclient  # imported here: `import lmwrap` must not need it
         self._grpc = grpcclient
-        logger.setLevel(log_level)
+        self.log_level = log_level  # lagent's argument; lmwrap logs through the 'lmwrap' logger
         auto_template = kwargs.get('meta_template') == 'auto'
         if auto_template:
             kwargs['meta_template'] = None

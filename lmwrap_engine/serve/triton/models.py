@@ -183,8 +183,8 @@ class TritonModels:
             if out.finish_reason == "length" and out.generate_token_len == 0 and gen_config.max_new_tokens:
                 raise ValueError(f"the prompt ({out.input_token_len} tokens) leaves no room to generate "
                                  f"in session_len {self.engine.session_len}")
-            if stream:
-                if out.response or prefix:
+            if stream:  # one response per engine step, as vLLM's backend (a token may add no text yet)
+                if out.response or out.token_ids or prefix:
                     yield [{"text_output": np.array([(prefix + out.response).encode("utf-8")], dtype=np.bytes_)}]
                     prefix = ""
             else:
