@@ -42,11 +42,19 @@ def reference():
                    concurrent=llm.generate(concurrent, max_new_tokens=8, stop_words=None))
 
 
+_HTTP_PORTS = {}
+
+
 @pytest.fixture(scope='module')
 def server(reference):
     host_python = triton_host_python()
     with running_triton(host_python, '--session-len', str(SESSION_LEN)) as (address, proc):
+        _HTTP_PORTS[address] = proc.http_port
         yield address
+
+
+def server_http_port(address):
+    return _HTTP_PORTS[address]
 
 
 def client(address, **kwargs):
@@ -124,6 +132,10 @@ def test_health_metadata_and_configs(server):
         assert config['model_transaction_policy']['decoupled'] is True
         assert config['parameters'][P.MODEL_NAME_PARAMETER]['string_value'] == 'base'  # Chatbot(model_name='')
         assert c.get_model_config(P.TEXT_MODEL, as_json=True)['config']['model_transaction_policy']['decoupled']
+    import requests
+    http = f'http://127.0.0.1:{server_http_port(server)}'
+    assert requests.get(http + '/v2/health/ready', timeout=10).status_code == 200
+    assert requests.get(http + f'/v2/models/{P.TURBOMIND}', timeout=10).json()['name'] == P.TURBOMIND
 
 
 def test_raw_turbomind_streams_the_reference_and_keeps_kv_between_rounds(server, reference):
@@ -276,15 +288,17 @@ def test_react_agent_through_triton_client(server):
 def test_bad_input_is_a_triton_error_and_the_server_keeps_serving(server, reference):
     ids = raw_encode(server, 'hello')
     bad = [
-        [tensor('input_ids', [ids], 'INT64'), tensor('input_lengths', [[len(ids)]]),
-         tensor('request_output_len', [[4]])],  # wrong dtype
-        [tensor('input_ids', ids), tensor('input_lengths', [[len(ids)]]), tensor('request_output_len', [[4]])],  # shape
-        turbomind_inputs(list(range(SESSION_LEN + 5)), 6),  # over-long prompt
-        turbomind_inputs(ids, 7, start=0),  # a session never started
-        turbomind_inputs([10 ** 6], 8),  # not a token id
+        ([tensor('input_ids', [ids], 'INT64'), tensor('input_lengths', [[len(ids)]]),
+          tensor('request_output_len', [[4]])], 'data-type|datatype'),
+        ([tensor('input_ids', ids), tensor('input_lengths', [[len(ids)]]), tensor('request_output_len', [[4]])],
+         'shape'),
+        (turbomind_inputs(list(range(SESSION_LEN + 5)), 6), 'session_len'),
+        (turbomind_inputs(ids, 7, start=0), 'no history'),
+        (turbomind_inputs([10 ** 6], 8), 'token ids'),
+        (turbomind_inputs(ids, 11, stop_words_list=[[1, 2, 3]]), 'shape'),
     ]
-    for inputs in bad:
-        with pytest.raises(InferenceServerException):
+    for inputs, message in bad:
+        with pytest.raises(InferenceServerException, match=message):
             raw_stream(server, P.TURBOMIND, inputs)
     with pytest.raises(InferenceServerException, match='unknown model|no_such'):
         raw_stream(server, 'no_such_model', turbomind_inputs(ids, 9))

@@ -27,9 +27,10 @@ def triton_host_python() -> str:
 
 
 @contextlib.contextmanager
-def running_triton(host_python: str, *extra_args: str) -> Iterator[str]:
+def running_triton(host_python: str, *extra_args: str) -> Iterator[tuple]:
     """Starts ``lmwrap serve triton`` (through the CLI, in this python; it re-runs itself in the host venv)
-    on free ports; yields the gRPC address once every model is ready; SIGTERM (then kill) at exit."""
+    on free ports; yields ``(grpc_address, proc)`` once it serves (``proc.http_port``: its HTTP port);
+    SIGTERM (then kill) at exit."""
     import tritonclient.grpc as grpcclient
 
     grpc_port, http_port = free_port(), free_port()
