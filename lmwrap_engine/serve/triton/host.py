@@ -120,7 +120,8 @@ def serve(model_path: Optional[str] = None, grpc_port: int = 33337, http_port: i
                           allow_metrics=bool(metrics_port), metrics_address=address if metrics_port else None,
                           metrics_port=metrics_port or None, exit_on_error=True,
                           log_verbose=1 if log_level.upper() == "DEBUG" else None)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _raise_interrupt)
     triton = Triton(config=config)  # not `with`: that starts the server, which then loads each model as bound
     try:
         _bind(triton, P.PREPROCESSING, models.preprocessing, P.PREPROCESSING_INPUTS, P.PREPROCESSING_OUTPUTS)
@@ -142,6 +143,9 @@ def serve(model_path: Optional[str] = None, grpc_port: int = 33337, http_port: i
 
 
 def _raise_interrupt(signum, frame):
+    # Once: a second signal (a terminal's SIGINT also forwarded by `launch`) must not break the shutdown.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 

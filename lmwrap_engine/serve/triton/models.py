@@ -17,6 +17,8 @@ from . import protocol as P
 
 logger = logging.getLogger("lmwrap_engine")
 
+_MAX_HISTORIES = 256  # past this many kept sessions, forget those the engine has ended
+
 
 class TritonModels:
     """lmdeploy's ``preprocessing`` / ``turbomind`` / ``postprocessing`` and the text model, on ``engine``."""
@@ -148,6 +150,14 @@ class TritonModels:
             self._histories.pop(session_id, None)
         else:
             self._histories[session_id] = history + input_ids + generated
+            if len(self._histories) > _MAX_HISTORIES:
+                await self._forget_ended_sessions()
+
+    async def _forget_ended_sessions(self) -> None:
+        """Drops the ids of sessions the engine no longer holds (ended by its session cap or idle timeout)."""
+        for session_id in list(self._histories):
+            if not await self.engine.session_tokens(session_id):
+                self._histories.pop(session_id, None)
 
     def _turbomind_config(self, request, get, output_len: int) -> GenerationConfig:
         top_k = get("runtime_top_k", 0)
