@@ -134,8 +134,6 @@ class TritonClient(BaseLLM):
                 elif len(generated) >= max_new:
                     reason = 'length'
                 yield Delta(new_text, len(shown), reason)
-        except GeneratorExit:
-            raise
         except LLMError as error:
             if not end and 'no history' in str(error):
                 self._session_tokens.pop(session_id, None)
@@ -285,7 +283,7 @@ class TritonClient(BaseLLM):
                     client.close()
         return responses()
 
-    def _infer(self, model: str, inputs, outputs: List[str]):
+    def _infer(self, model: str, inputs):
         try:
             return self.client.infer(model, inputs, client_timeout=self.timeout)
         except self._exception() as error:
@@ -308,7 +306,7 @@ class TritonClient(BaseLLM):
         import numpy as np
         item = self._grpc.InferInput('QUERY', [1, 1], 'BYTES')
         item.set_data_from_numpy(np.array([[text.encode('utf-8')]], dtype=object))
-        result = self._infer(P.PREPROCESSING, [item], ['INPUT_ID', 'REQUEST_INPUT_LEN'])
+        result = self._infer(P.PREPROCESSING, [item])
         ids = result.as_numpy('INPUT_ID').reshape(-1)
         length = int(result.as_numpy('REQUEST_INPUT_LEN').reshape(-1)[0])
         return [int(t) for t in ids[:length]]
@@ -340,7 +338,7 @@ class TritonClient(BaseLLM):
         offset.set_data_from_numpy(np.array([[0]], dtype=np.uint32))
         skip = self._grpc.InferInput('skip_special_tokens', [1, 1], 'INT32')
         skip.set_data_from_numpy(np.array([[int(bool(params.get('skip_special_tokens', False)))]], dtype=np.int32))
-        result = self._infer(P.POSTPROCESSING, [tokens, offset, skip], ['OUTPUT'])
+        result = self._infer(P.POSTPROCESSING, [tokens, offset, skip])
         whole = bytes(result.as_numpy('OUTPUT').reshape(-1)[0]).decode('utf-8', 'replace')
         if whole.endswith('\ufffd'):
             return None
