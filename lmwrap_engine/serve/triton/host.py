@@ -50,7 +50,8 @@ def launch(argv) -> int:
     source_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([source_root] + [p for p in [env.get("PYTHONPATH")] if p])
-    proc = subprocess.Popen([python, "-m", "lmwrap_engine.serve.triton.host", *argv], env=env)
+    proc = subprocess.Popen([python, "-m", "lmwrap_engine.serve.triton.host", *argv], env=env,
+                            preexec_fn=_die_with_parent)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
     return proc.wait()
@@ -70,6 +71,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session-len", type=int, default=None)
     p.add_argument("--cache-max-entry-count", type=float, default=None)
     p.add_argument("--log-level", default="WARNING")
+
+
+def _die_with_parent() -> None:
+    """In the host child: SIGTERM when the launching process dies (even by SIGKILL), so no server is orphaned."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +128,7 @@ def serve(model_path: Optional[str] = None, grpc_port: int = 33337, http_port: i
     models = TritonModels(engine)
     config = TritonConfig(http_address=address, http_port=http_port, grpc_address=address, grpc_port=grpc_port,
                           allow_metrics=bool(metrics_port), metrics_address=address if metrics_port else None,
-                          metrics_port=metrics_port or None, exit_on_error=True,
+                          metrics_port=metrics_port or None, exit_on_error=True, exit_timeout_secs=5,
                           log_verbose=1 if log_level.upper() == "DEBUG" else None)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _raise_interrupt)
