@@ -100,6 +100,16 @@ def cmd_triton(args) -> None:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    try:
+        _main(args)
+    except (OSError, ValueError) as exc:
+        if os.environ.get("LMWRAP_DEBUG"):
+            raise
+        print(f"lmwrap serve triton: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _main(args) -> None:
     from ...config import TurbomindEngineConfig
     config = {k: v for k, v in dict(session_len=args.session_len,
                                      cache_max_entry_count=args.cache_max_entry_count).items() if v is not None}
@@ -119,6 +129,9 @@ def serve(model_path: Optional[str] = None, grpc_port: int = 33337, http_port: i
     os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([libdir] + [p for p in [os.environ.get("LD_LIBRARY_PATH")] if p])
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lmwrap_engine").setLevel(log_level.upper())
+    for flag, port in (("--grpc-port", grpc_port), ("--http-port", http_port), ("--metrics-port", metrics_port)):
+        if port:  # before the model loads (Triton itself would only time out after minutes)
+            _check_port(address, port, flag)
     from pytriton.triton import Triton, TritonConfig
 
     from ...async_engine import AsyncEngine
@@ -150,6 +163,17 @@ def serve(model_path: Optional[str] = None, grpc_port: int = 33337, http_port: i
     finally:
         triton.stop()
         engine.close()
+
+
+def _check_port(address: str, port: int, flag: str) -> None:
+    import socket
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address, port))
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {address}:{port}: {exc.strerror} "
+                                     f"(is another server using it? pick another {flag})") from None
 
 
 def _raise_interrupt(signum, frame):
