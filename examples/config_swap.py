@@ -4,8 +4,8 @@
     python examples/config_swap.py LMDeployServer                    # we start `lmwrap serve api_server`
     lmwrap serve api_server &                                        # someone else's server ...
     python examples/config_swap.py LMDeployClient --url http://127.0.0.1:23333   # ... used over HTTP
-
-(``TritonClient``, the fourth adapter, is not built yet.)
+    lmwrap serve triton &                                            # a Triton Inference Server ...
+    python examples/config_swap.py TritonClient --tritonserver-addr 127.0.0.1:33337   # ... over gRPC
 
 The same dict works with lagent 0.5's ``create_object`` when ``type`` is a dotted path
 (``'lmwrap.LMDeployPipeline'``) or the class itself.
@@ -31,16 +31,19 @@ def llm_config(kind: str, args) -> dict:
         'LMDeployPipeline': dict(path=args.model),
         'LMDeployServer': dict(path=args.model, server_name='127.0.0.1', server_port=args.port),
         'LMDeployClient': dict(url=args.url, model_name=args.model_name),
+        'TritonClient': dict(tritonserver_addr=args.tritonserver_addr, model_name=args.model_name or '',
+                             session_len=4096),
     }[kind]
     return dict(type=kind, **where, **COMMON)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('type', choices=['LMDeployPipeline', 'LMDeployServer', 'LMDeployClient'])
+    parser.add_argument('type', choices=['LMDeployPipeline', 'LMDeployServer', 'LMDeployClient', 'TritonClient'])
     parser.add_argument('--model', default=None, help='model for the pipeline/server (default: SmolLM2-135M)')
     parser.add_argument('--port', type=int, default=None, help='port for LMDeployServer (default: a free one)')
     parser.add_argument('--url', default='http://127.0.0.1:23333')
+    parser.add_argument('--tritonserver-addr', default='127.0.0.1:33337', help="TritonClient's gRPC address")
     parser.add_argument('--model-name', default=None, help="the served model's name (default: the one it serves)")
     parser.add_argument('--question', default='Compute 17 * 23.')
     args = parser.parse_args()

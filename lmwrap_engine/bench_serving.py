@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--endpoint", default="completions", choices=["completions", "chat"],
                         help="stream /v1/completions (raw prompt) or /v1/chat/completions (one user message "
                              "through the chat template) (default: %(default)s)")
+    target.add_argument("--protocol", default="http", choices=["http", "triton"],
+                        help="http: an OpenAI-compatible server; triton: gRPC to the text model of a Triton "
+                             "server (`lmwrap serve triton`; --base-url is then host:port) (default: %(default)s)")
     target.add_argument("--served-model-name", default=None, metavar="NAME",
                         help="the `model` field of the requests (default: the first id of GET /v1/models)")
     target.add_argument("--api-key", default=None, metavar="KEY", help="sent as `Authorization: Bearer KEY`")
@@ -677,7 +680,18 @@ def serving(args) -> None:
           f"{', '.join(rate_label(r) for r in rates)}; max concurrency {args.max_concurrency or 'unlimited'}",
           flush=True)
     try:
-        if args.base_url:
+        if args.protocol == "triton":
+            from . import bench_triton
+            if args.endpoint == "chat":
+                raise RuntimeError("--protocol triton sends raw prompts (--endpoint completions)")
+            if args.base_url:
+                runs = asyncio.run(bench_triton.bench_triton(args, args.base_url, prompts, rates))
+            else:
+                print("starting lmwrap serve triton ...", flush=True)
+                with bench_triton.TritonServer(args.model, bench_triton.triton_server_args(args) + server_args,
+                                               args.server_timeout) as server:
+                    runs = asyncio.run(bench_triton.bench_triton(args, server.address, prompts, rates))
+        elif args.base_url:
             runs = asyncio.run(_bench_server(args, args.base_url.rstrip("/"), prompts, rates))
         else:
             print("starting lmwrap serve api_server ...", flush=True)

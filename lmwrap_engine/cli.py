@@ -199,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description=cmd_api_server.__doc__)
     _api_server_args(p)
     p.set_defaults(func=cmd_api_server)
+    from .serve.triton import host as triton_host
+    p = ssub.add_parser("triton", help="our engine inside a real Triton Inference Server (gRPC)",
+                        description=triton_host.serve.__doc__)
+    triton_host.add_arguments(p)
+    p.set_defaults(func=triton_host.cmd_triton)
 
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="bench", required=True)

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from serving import running_server
+from triton_serving import running_triton, triton_host_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_SWAP = os.path.join(ROOT, "examples", "config_swap.py")
@@ -29,5 +30,7 @@ def test_config_swap_runs_every_mode_it_advertises_with_the_same_greedy_result()
     child_server = run_example("LMDeployServer")
     with running_server("SmolLM2-135M-Instruct") as (url, _):
         remote = run_example("LMDeployClient", "--url", url)
-    assert in_process == child_server == remote
+    with running_triton(triton_host_python(), "--session-len", "4096") as (address, _):
+        triton = run_example("TritonClient", "--tritonserver-addr", address)
+    assert in_process == child_server == remote == triton
     assert "PythonInterpreter" in in_process["tools"]

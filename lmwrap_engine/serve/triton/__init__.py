@@ -1,0 +1,1 @@
+"""Our engine inside a real Triton Inference Server (``lmwrap serve triton``); see ``protocol.py``."""
