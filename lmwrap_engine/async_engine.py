@@ -236,6 +236,12 @@ class AsyncEngine:
     def is_closed(self) -> bool:
         return self._loop.is_closed
 
+    @property
+    def failure(self) -> Optional[str]:
+        """Why the engine can run no more (a tensor-parallel worker died); None while it can."""
+        failed = getattr(self._loop.engine.runner, "failed", None)
+        return None if failed is None or self._loop.is_closed else failed
+
     def close(self) -> None:
         """Stops the engine: requests still queued or running end at once with ``finish_reason='error'``;
         later calls raise ``RuntimeError``. Tensor-parallel workers are stopped."""

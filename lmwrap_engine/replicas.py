@@ -149,6 +149,11 @@ class ReplicaSet:
         return total
 
     @property
+    def failure(self) -> Optional[str]:
+        """The first replica's reason to run no more (None while all can run)."""
+        return next((f"replica {i}: {r.failure}" for i, r in enumerate(self.replicas) if r.failure), None)
+
+    @property
     def is_closed(self) -> bool:
         return all(r.is_closed for r in self.replicas)
 

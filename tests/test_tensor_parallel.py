@@ -125,7 +125,7 @@ def test_killed_worker_fails_every_request_and_leaves_no_process(tiny_model_dir)
     assert not any(_alive(p) for p in pids)
 
 
-def test_api_server_tp2_serves_transformers_greedy_and_stops_its_workers(tiny_model_dir):
+def test_api_server_tp2_serves_transformers_greedy_reports_a_dead_worker_and_stops_its_workers(tiny_model_dir):
     path = tiny_model_dir("qwen2")
     from transformers import AutoTokenizer
     ids = AutoTokenizer.from_pretrained(path).encode(PROMPTS[1])
@@ -137,7 +137,14 @@ def test_api_server_tp2_serves_transformers_greedy_and_stops_its_workers(tiny_mo
         assert r.status_code == 200, r.text
         assert r.json()["output_ids"] == expected
         workers = _children(proc.pid)
-        assert len(workers) >= 2, workers
+        ranks = [p for p in workers if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
+        assert len(ranks) == 2, workers
+        assert requests.get(url + "/health", timeout=10).status_code == 200
+        os.kill(ranks[1], signal.SIGKILL)
+        r = requests.post(url + "/generate", json={"input_ids": ids, "max_tokens": 10}, timeout=120)
+        assert r.status_code >= 500 and "worker rank" in r.text, (r.status_code, r.text)
+        health = requests.get(url + "/health", timeout=10)
+        assert health.status_code == 503 and "worker rank" in health.text, (health.status_code, health.text)
     deadline = time.monotonic() + 10
     while any(_alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
