@@ -33,6 +33,8 @@ TEST_STAMP := $(VENV)/.installed-test
 
 $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install -q llama-cpp-python==0.3.36
+	# Ray (+~240 MB, no torch): tests/test_ray_executor.py runs the Ray executor on a local cluster.
+	$(PY) -m pip install -q ray==2.60.0
 	touch $(TEST_STAMP)
 
 test: $(STAMP) $(TEST_STAMP)

@@ -65,24 +65,39 @@ class StepInput:
                               self.copies)
 
 
+def start_rank(rank: int, world_size: int, init_method: str, model_dir: str, config):
+    """Joins the group as ``rank`` on this process's device and loads the rank's shard: its ``ModelRunner``."""
+    import torch
+
+    from .distributed import init_distributed
+    from .model_runner import ModelRunner, resolve_device
+
+    device = resolve_device(config.device_type)
+    if device.type == "cuda":  # Ray gives an actor one visible GPU; worker processes see them all
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    elif "OMP_NUM_THREADS" not in os.environ:  # ranks share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.set_grad_enabled(False)
+    init_distributed(rank, world_size, init_method, device)
+    return ModelRunner(model_dir, config, tp_rank=rank)
+
+
+def handle(runner, rank: int, kind: str, payload):
+    """One driver message: a step (rank 0 returns the logits as a numpy array) or a call."""
+    if kind == "step":
+        logits = runner.run(payload.batch())
+        return logits.float().cpu().numpy() if rank == 0 else None
+    return _call(runner, payload)
+
+
 def worker_main(rank: int, world_size: int, init_method: str, model_dir: str, config, conn) -> None:
     """The worker process: join the group, load this rank's shard, then serve steps until told to stop
     or the driver goes away (its pipe closes)."""
-    import torch
-
-    from .distributed import destroy_distributed, init_distributed
-    from .model_runner import ModelRunner, resolve_device
+    from .distributed import destroy_distributed
 
     try:
-        device = resolve_device(config.device_type)
-        if device.type == "cuda":
-            torch.cuda.set_device(rank % torch.cuda.device_count())
-            device = torch.device("cuda", torch.cuda.current_device())
-        elif "OMP_NUM_THREADS" not in os.environ:  # ranks share the cores
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-        torch.set_grad_enabled(False)
-        init_distributed(rank, world_size, init_method, device)
-        runner = ModelRunner(model_dir, config, tp_rank=rank)
+        runner = start_rank(rank, world_size, init_method, model_dir, config)
         conn.send(("ok", {"num_blocks": runner.num_blocks, "pid": os.getpid()}))
         while True:
             try:
@@ -91,12 +106,7 @@ def worker_main(rank: int, world_size: int, init_method: str, model_dir: str, co
                 break
             if msg is None:
                 break
-            kind, payload = msg
-            if kind == "step":
-                logits = runner.run(payload.batch())
-                conn.send(("ok", logits.float().cpu().numpy() if rank == 0 else None))
-            elif kind == "call":
-                conn.send(("ok", _call(runner, payload)))
+            conn.send(("ok", handle(runner, rank, *msg)))
     except BaseException as exc:  # reported to the driver, which fails every request and stops the others
         text = f"tensor-parallel worker rank {rank} failed: {type(exc).__name__}: {exc}"
         logger.error("%s\n%s", text, traceback.format_exc())
