@@ -162,3 +162,28 @@ def _children(pid: int) -> list:
         except (OSError, ValueError):
             pass
     return out
+
+
+def test_lazy_checkpoint_slices_read_what_narrow_asks(tiny_model_dir):
+    from lmwrap_engine.loader.safetensors import iterate_weights
+    path = tiny_model_dir("llama")
+    full = dict(iterate_weights(path))
+    for name, lazy in iterate_weights(path, lazy=True):
+        assert lazy.shape == full[name].shape
+        assert torch.equal(lazy.materialize(), full[name])
+        for dim in range(lazy.dim()):
+            n = lazy.shape[dim] // 2
+            assert torch.equal(lazy.narrow(dim, n, n), full[name].narrow(dim, n, n)), (name, dim)
+
+
+def test_gguf_model_tp2_equals_tp1(tiny_model_dir, tmp_path, monkeypatch):
+    from test_gguf import write_gguf
+    from gguf import GGMLQuantizationType
+    monkeypatch.setenv("LMWRAP_CACHE", str(tmp_path / "cache"))
+    path = write_gguf(tiny_model_dir("llama", seed=1), str(tmp_path / "tiny-q8.gguf"), GGMLQuantizationType.Q8_0)
+    outs = []
+    for tp in (1, 2):
+        with pipeline(path, PytorchEngineConfig(tp=tp, dtype="float32", num_gpu_blocks=32, block_size=16,
+                                                device_type="cpu")) as pipe:
+            outs.append([r.token_ids for r in pipe(PROMPTS[:3], gen_config=GREEDY, do_preprocess=False)])
+    assert outs[0] == outs[1] and all(len(t) == GREEDY.max_new_tokens for t in outs[0])

@@ -99,7 +99,8 @@ class ModelRunner:
                 from ..loader.dummy import init_dummy_weights
                 init_dummy_weights(model)
             else:
-                model.load_weights(iterate_weights(model_dir))
+                # tp > 1: each rank reads only its slices of the checkpoint
+                model.load_weights(iterate_weights(model_dir, lazy=self.args.tp_size > 1))
         return model.eval()
 
     def kv_bytes_per_token(self) -> int:

@@ -157,6 +157,8 @@ class LlamaForCausalLM(nn.Module):
                 dest, tensor = modules[owner].shard_view(pname, dest, tensor, shard)
             elif shard is not None:
                 dest = dest[self._shard_slice(shard)]
+            if hasattr(tensor, "materialize"):  # a lazy checkpoint slice (loader/safetensors.py) still unread
+                tensor = tensor.materialize()
             if dest.shape != tensor.shape:
                 raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(dest.shape)}")
