@@ -192,7 +192,7 @@ def test_gguf_model_tp2_equals_tp1(tiny_model_dir, tmp_path, monkeypatch):
 def test_a_rank_failing_to_load_is_a_clear_error_and_leaves_no_process(tiny_model_dir, tmp_path):
     import shutil
     from safetensors.torch import load_file, save_file
-    from lmwrap_engine.engine.executor import WorkerFailedError
+    from lmwrap_engine.engine.executor import WorkerStartError
     src = tiny_model_dir("llama")
     bad = str(tmp_path / "missing-tensor")
     shutil.copytree(src, bad)
@@ -200,8 +200,10 @@ def test_a_rank_failing_to_load_is_a_clear_error_and_leaves_no_process(tiny_mode
     del weights["model.layers.1.mlp.down_proj.weight"]
     save_file(weights, os.path.join(bad, "model.safetensors"), metadata={"format": "pt"})
     before = set(_children(os.getpid()))
-    with pytest.raises(WorkerFailedError, match=r"worker rank \d failed: ValueError: checkpoint is missing"):
+    # a ValueError, like the same mistake at tp=1 (the CLI prints it as one line)
+    with pytest.raises(ValueError, match=r"worker rank \d failed: ValueError: checkpoint is missing") as exc:
         pipeline(bad, PytorchEngineConfig(tp=2, dtype="float32", num_gpu_blocks=8, device_type="cpu"))
+    assert isinstance(exc.value, WorkerStartError)
     ranks = [p for p in set(_children(os.getpid())) - before if _alive(p)
              and b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
     assert ranks == []

@@ -33,6 +33,11 @@ class WorkerFailedError(RuntimeError):
     """A tensor-parallel worker died or failed: the engine cannot run any more steps."""
 
 
+class WorkerStartError(WorkerFailedError, ValueError):
+    """A rank could not start (bad model folder, weights that do not fit, ...); the message says which and why.
+    A ``ValueError`` too, so it reads like the same mistake at ``tp=1``."""
+
+
 def make_runner(model_dir: str, config: EngineConfig):
     """The engine's model runner: in this process for ``tp=1``, else an executor over ``tp`` ranks."""
     if config.tp == 1:
@@ -89,7 +94,10 @@ class MultiprocExecutor(ExecutorBase):
                 child.close()
                 self.procs.append(proc)
                 self.conns.append(parent)
-            ready = self._collect()
+            try:
+                ready = self._collect()
+            except WorkerFailedError as exc:
+                raise WorkerStartError(str(exc)) from None
         except BaseException:
             self.close()
             raise

@@ -12,7 +12,7 @@ import os
 import torch
 
 from ..config import EngineConfig
-from .executor import ExecutorBase, WorkerFailedError
+from .executor import ExecutorBase, WorkerFailedError, WorkerStartError
 from .scheduler import ScheduledBatch
 from .worker import StepInput
 
@@ -77,7 +77,10 @@ class RayExecutor(ExecutorBase):
                                self.pg, placement_group_bundle_index=rank)).remote(rank, config.tp, model_dir, config)
                            for rank in range(config.tp)]
             init_method = ray.get(self.actors[0].rendezvous.remote())
-            ready = self._gather([a.start.remote(init_method) for a in self.actors])
+            try:
+                ready = self._gather([a.start.remote(init_method) for a in self.actors])
+            except WorkerFailedError as exc:
+                raise WorkerStartError(str(exc)) from None
         except BaseException:
             self.close()
             raise
