@@ -35,6 +35,8 @@ $(TEST_STAMP): $(STAMP) scripts/triton_host_venv.sh
 	$(PY) -m pip install -q llama-cpp-python==0.3.36
 	# The Triton host's own venv (nvidia-pytriton pins numpy<2), cached under ~/.cache/lmwrap (~70 s once).
 	PYTHON=$(PYTHON) bash scripts/triton_host_venv.sh
+	# Ray (+~240 MB, no torch): tests/test_ray_executor.py runs the Ray executor on a local cluster.
+	$(PY) -m pip install -q ray==2.60.0
 	touch $(TEST_STAMP)
 
 test: $(STAMP) $(TEST_STAMP)

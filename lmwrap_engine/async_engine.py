@@ -67,7 +67,8 @@ class AsyncEngine:
         backend_config: ``TurbomindEngineConfig`` or ``PytorchEngineConfig``.
         chat_template_config: a ``ChatTemplateConfig``; default: the model's own template.
         max_log_len: log prompts (cut to this many characters) at INFO level.
-        tp: tensor parallelism; 1 only. Any other keyword argument is an error.
+        tp: tensor-parallel ranks (worker processes; overrides ``backend_config.tp`` when not 1).
+            Any other keyword argument is an error.
 
     ``generate`` is an async generator of ``GenOut`` deltas; ``stop_session``, ``end_session``,
     ``session_tokens`` and ``astats`` are coroutines. Everything here is safe to call from any thread.
@@ -78,10 +79,10 @@ class AsyncEngine:
                  max_log_len: Optional[int] = None, tp: int = 1, **kwargs):
         if kwargs:
             raise TypeError(f"unexpected arguments: {', '.join(sorted(kwargs))}")
-        if tp != 1:
-            raise NotImplementedError(f"tp={tp!r} is not supported by lmwrap's engine (leave it at 1)")
         self.max_log_len = max_log_len
         self.engine_config = to_engine_config(backend_config, backend)
+        if tp != 1:
+            self.engine_config = replace(self.engine_config, tp=tp)
         self.model_path = model_path
         self.model_name = model_name or (os.fspath(model_path) if model_path is not None else DEFAULT_MODEL)
         self.model_dir = resolve_model_path(model_path, self.engine_config.download_dir, self.engine_config.revision)
@@ -262,10 +263,19 @@ class AsyncEngine:
     def is_closed(self) -> bool:
         return self._loop.is_closed
 
+    @property
+    def failure(self) -> Optional[str]:
+        """Why the engine can run no more (a tensor-parallel worker died); None while it can."""
+        failed = getattr(self._loop.engine.runner, "failed", None)
+        return None if failed is None or self._loop.is_closed else failed
+
     def close(self) -> None:
         """Stops the engine: requests still queued or running end at once with ``finish_reason='error'``;
-        later calls raise ``RuntimeError``."""
+        later calls raise ``RuntimeError``. Tensor-parallel workers are stopped."""
         self._loop.close()
+        close_workers = getattr(self._loop.engine.runner, "close", None)
+        if close_workers is not None:
+            close_workers()
 
 
 def to_genout(out: RequestOutput) -> GenOut:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import queue
 import random
 import subprocess
@@ -70,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="transformers runs only the first N requests (default: all)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--max-batch-size", type=int, default=128)
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (worker processes)")
+    parser.add_argument("--dp", type=int, default=1, help="data-parallel engine replicas (each with --tp ranks)")
     parser.add_argument("--max-prefill-token-num", type=int, default=4096)
     parser.add_argument("--session-len", type=int, default=None,
                         help="longest sequence (default: the model's max_position_embeddings)")
@@ -118,7 +121,10 @@ def _open_pipeline(args):
     cfg = EngineConfig(dtype=args.dtype, max_batch_size=args.max_batch_size,
                        max_prefill_token_num=args.max_prefill_token_num, session_len=getattr(args, "session_len", None),
                        enable_prefix_caching=getattr(args, "enable_prefix_caching", True),
-                       load_format="dummy" if shape else "auto")
+                       load_format="dummy" if shape else "auto", tp=getattr(args, "tp", 1))
+    if getattr(args, "dp", 1) > 1:
+        from .replicas import ReplicaSet
+        return ReplicaSet(model, dp=args.dp, backend_config=cfg)
     return pipeline(model, cfg)
 
 
@@ -235,6 +241,10 @@ def throughput(args) -> None:
     print(f"model: {model}")
     print(f"workload: {len(workload)} requests ({lengths}), {num_in} prompt tokens, "
           f"{sum(o for _, o in workload)} output tokens, EOS ignored; dtype {dtype}, device {device}")
+    if getattr(args, "tp", 1) > 1 or getattr(args, "dp", 1) > 1:
+        print(f"parallelism: tp {args.tp} x dp {args.dp} ({args.tp * args.dp} model ranks, "
+              f"{os.cpu_count()} CPUs visible)" if device.type == "cpu" else
+              f"parallelism: tp {args.tp} x dp {args.dp}")
     # Warm-up on other prompts: with the prefix cache on, the timed requests must find nothing cached.
     response_format = RESPONSE_FORMATS.get(getattr(args, "response_format", None))
     run_engine(pipe, make_workload(_plain_vocab(pipe.tokenizer), 2, input_len, output_len, args.seed + 1,

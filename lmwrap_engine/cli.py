@@ -123,6 +123,13 @@ def _api_server_args(p: argparse.ArgumentParser) -> None:
                    help="most interactive sessions kept in the engine; past it the oldest idle one is ended")
     p.add_argument("--session-idle-timeout", type=float, default=1800.0,
                    help="seconds after which an idle interactive session is ended (0: never; default 1800)")
+    p.add_argument("--tp", type=_positive_int, default=1,
+                   help="tensor parallelism: ranks (worker processes, one device each) the model is split over")
+    p.add_argument("--dp", type=_positive_int, default=1,
+                   help="data parallelism: engine replicas (each with --tp ranks) behind this one endpoint")
+    p.add_argument("--distributed-executor", choices=["mp", "ray"], default="mp",
+                   help="how tp > 1 ranks run: 'mp' worker processes on this machine (default), 'ray' actors "
+                        "on the running Ray cluster (RAY_ADDRESS)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the model runs (auto: CUDA when present)")
     p.add_argument("--disable-vision-encoder", action="store_true",
@@ -157,7 +164,8 @@ def cmd_api_server(args) -> None:
                   num_gpu_blocks=args.num_gpu_blocks, max_prefill_token_num=args.max_prefill_token_num,
                   enable_prefix_caching=args.enable_prefix_caching, device_type=args.device,
                   max_sessions=args.max_sessions, session_idle_timeout=args.session_idle_timeout or None,
-                  disable_vision_encoder=args.disable_vision_encoder)
+                  disable_vision_encoder=args.disable_vision_encoder,
+                  tp=args.tp, distributed_executor_backend=args.distributed_executor)
     if args.backend == "pytorch":
         config = PytorchEngineConfig(block_size=args.cache_block_seq_len, max_batch_size=args.max_batch_size,
                                      **common)
@@ -171,7 +179,7 @@ def cmd_api_server(args) -> None:
           allow_origins=args.allow_origins, allow_credentials=args.allow_credentials,
           allow_methods=args.allow_methods, allow_headers=args.allow_headers, log_level=args.log_level,
           api_keys=keys, max_log_len=args.max_log_len, disable_fastapi_docs=args.disable_fastapi_docs,
-          max_request_bytes=args.max_request_bytes, tool_call_parser=args.tool_call_parser)
+          max_request_bytes=args.max_request_bytes, tool_call_parser=args.tool_call_parser, dp=args.dp)
 
 
 def build_parser() -> argparse.ArgumentParser:

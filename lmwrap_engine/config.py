@@ -141,8 +141,13 @@ class EngineConfig:
     max_sessions: int = 1024                       # kept (idle) sessions; past it the longest idle is ended
     session_idle_timeout: Optional[float] = None   # seconds an idle kept session lives; None: no limit
     disable_vision_encoder: bool = False           # a vision-language model runs as its text model only
+    tp: int = 1                                    # tensor-parallel ranks (worker processes when > 1)
+    distributed_executor_backend: str = "mp"       # "mp": torch.multiprocessing workers; "ray": Ray actors
 
     def __post_init__(self):
+        _check(_is_int(self.tp) and self.tp >= 1, "tp", f"must be an int >= 1, got {self.tp!r}")
+        _check(self.distributed_executor_backend in ("mp", "ray"), "distributed_executor_backend",
+               f"must be 'mp' or 'ray', got {self.distributed_executor_backend!r}")
         _check(self.load_format in ("auto", "dummy"), "load_format",
                f"must be 'auto' or 'dummy', got {self.load_format!r}")
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
@@ -171,6 +176,8 @@ class PytorchEngineConfig:
     A field set to a value the engine does not honour raises when the engine is built. The engine
     is always thread-safe, so ``thread_safe`` may be either. Added by lmwrap: ``max_sessions`` and
     ``session_idle_timeout`` bound the sessions kept between turns (the longest idle is ended first).
+    ``tp > 1`` splits the model over ``tp`` worker processes; ``distributed_executor_backend`` is
+    ``'mp'`` (torch.multiprocessing, this machine) or ``'ray'`` (actors on a running Ray cluster).
     Deviation from lmdeploy: ``enable_prefix_caching`` defaults to True (agents re-send their whole
     history each turn; the cache serves it); ``enable_prefix_caching=False`` turns it off.
     """
@@ -197,11 +204,12 @@ class PytorchEngineConfig:
     max_sessions: int = 1024
     session_idle_timeout: Optional[float] = None
     disable_vision_encoder: bool = False
+    distributed_executor_backend: str = "mp"
 
     def to_engine_config(self) -> EngineConfig:
-        _reject_unsupported(self, tp=1, adapters=None, custom_module_map=None, prefill_interval=16,
+        _reject_unsupported(self, adapters=None, custom_module_map=None, prefill_interval=16,
                             num_cpu_blocks=0)
-        return EngineConfig(dtype=self.dtype, session_len=self.session_len,
+        return EngineConfig(tp=self.tp, dtype=self.dtype, session_len=self.session_len,
                             max_batch_size=self.max_batch_size or 128,
                             cache_max_entry_count=self.cache_max_entry_count, block_size=self.block_size,
                             num_gpu_blocks=self.num_gpu_blocks, max_prefill_token_num=self.max_prefill_token_num,
@@ -209,7 +217,8 @@ class PytorchEngineConfig:
                             device_type=self.device_type, eager_mode=self.eager_mode,
                             download_dir=self.download_dir, revision=self.revision,
                             max_sessions=self.max_sessions, session_idle_timeout=self.session_idle_timeout,
-                            disable_vision_encoder=self.disable_vision_encoder)
+                            disable_vision_encoder=self.disable_vision_encoder,
+                            distributed_executor_backend=self.distributed_executor_backend)
 
 
 @dataclass
@@ -217,7 +226,8 @@ class TurbomindEngineConfig:
     """lmdeploy's TurboMind config; selects the same lmwrap engine (``cache_block_seq_len`` is the block size).
 
     A field set to a value the engine does not honour raises when the engine is built. Added by
-    lmwrap: ``max_sessions``, ``session_idle_timeout``, ``eager_mode`` (as ``PytorchEngineConfig``'s).
+    lmwrap: ``max_sessions``, ``session_idle_timeout``, ``eager_mode``, ``distributed_executor_backend``
+    (as ``PytorchEngineConfig``'s).
     Deviation from lmdeploy: ``enable_prefix_caching`` defaults to True (as ``PytorchEngineConfig``'s);
     ``enable_prefix_caching=False`` turns it off.
     """
@@ -245,21 +255,24 @@ class TurbomindEngineConfig:
     max_sessions: int = 1024
     session_idle_timeout: Optional[float] = None
     disable_vision_encoder: bool = False
+    distributed_executor_backend: str = "mp"
 
     def to_engine_config(self) -> EngineConfig:
-        _reject_unsupported(self, tp=1, rope_scaling_factor=0.0, use_logn_attn=False, cache_chunk_size=-1,
+        _reject_unsupported(self, rope_scaling_factor=0.0, use_logn_attn=False, cache_chunk_size=-1,
                             num_tokens_per_iter=0, max_prefill_iters=1)
         if self.model_format not in (None, "hf", "gguf"):
             raise NotImplementedError(f"TurbomindEngineConfig.model_format={self.model_format!r} is not supported "
                                       "(use None, 'hf' or 'gguf')")
-        return EngineConfig(dtype=self.dtype, session_len=self.session_len, max_batch_size=self.max_batch_size,
+        return EngineConfig(tp=self.tp, dtype=self.dtype, session_len=self.session_len,
+                            max_batch_size=self.max_batch_size,
                             cache_max_entry_count=self.cache_max_entry_count, block_size=self.cache_block_seq_len,
                             num_gpu_blocks=self.num_gpu_blocks, max_prefill_token_num=self.max_prefill_token_num,
                             enable_prefix_caching=self.enable_prefix_caching, quant_policy=self.quant_policy,
                             device_type=self.device_type, eager_mode=self.eager_mode,
                             download_dir=self.download_dir, revision=self.revision,
                             max_sessions=self.max_sessions, session_idle_timeout=self.session_idle_timeout,
-                            disable_vision_encoder=self.disable_vision_encoder)
+                            disable_vision_encoder=self.disable_vision_encoder,
+                            distributed_executor_backend=self.distributed_executor_backend)
 
 
 def _reject_unsupported(config, **defaults) -> None:

@@ -66,8 +66,8 @@ def test_unknown_arguments_are_errors_naming_them(pipe, model_dir):
         asyncio.run(collect(pipe, "hi", 9, GREEDY, session=3))
     with pytest.raises(TypeError, match="use_cache"):
         pipe("hi", gen_config=GREEDY, use_cache=True)
-    with pytest.raises(NotImplementedError, match="tp"):
-        AsyncEngine(model_dir, tp=2)
+    with pytest.raises(ValueError, match="tp=3"):
+        AsyncEngine(model_dir, tp=3)
 
 
 @pytest.mark.parametrize("config, field", [

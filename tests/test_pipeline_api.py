@@ -216,10 +216,13 @@ def test_backend_names_are_accepted(model_dir, singles, backend):
 def test_bad_engine_configs_are_clear_errors(model_dir):
     with pytest.raises(ValueError, match="backend"):
         pipeline(model_dir, tiny_config(), backend="vllm")
-    with pytest.raises(NotImplementedError, match="tp=2"):
-        pipeline(model_dir, tiny_config(tp=2))
-    with pytest.raises(NotImplementedError, match="tp=2"):
-        pipeline(model_dir, TurbomindEngineConfig(tp=2, num_gpu_blocks=4))
+    # the tiny model has 4 attention heads: tp=3 cannot split them (checked before any worker starts)
+    with pytest.raises(ValueError, match="tp=3"):
+        pipeline(model_dir, tiny_config(tp=3))
+    with pytest.raises(ValueError, match="tp=3"):
+        pipeline(model_dir, TurbomindEngineConfig(tp=3, num_gpu_blocks=4))
+    with pytest.raises(ValueError, match="tp"):
+        pipeline(model_dir, tiny_config(tp=0))
     with pytest.raises(NotImplementedError, match="adapters"):
         pipeline(model_dir, tiny_config(adapters={"a": "/x"}))
     with pytest.raises(ValueError, match="block_size"):

@@ -20,7 +20,7 @@ from typing import Callable, Deque, Dict, List, NamedTuple, Optional
 from ..config import EngineConfig
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
-from .model_runner import ModelRunner
+from .executor import WorkerFailedError, make_runner
 from .sampler import Sampler, make_generator
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
@@ -99,7 +99,7 @@ class LLMEngine:
     def __init__(self, model_dir: str, config: EngineConfig, tokenizer):
         self.config = config
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(model_dir, config)
+        self.runner = make_runner(model_dir, config)  # tp > 1: an executor over worker processes
         self.session_len = self.runner.session_len
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_batch_size,
@@ -254,6 +254,8 @@ class LLMEngine:
                 if len(still) < len(rows):
                     logits, rows = logits[still], [rows[i] for i in still]
             sampled = self.sampler(logits, rows) if rows else None
+        except WorkerFailedError:  # the engine cannot run again: the loop fails every request
+            raise
         except Exception as exc:  # a failed step fails its requests, never the engine
             logger.exception("model step failed")
             self.flush_outputs()

@@ -66,9 +66,10 @@ def available_memory(device: torch.device) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model_dir: str, config: EngineConfig):
+    def __init__(self, model_dir: str, config: EngineConfig, tp_rank: int = 0):
         with open(os.path.join(model_dir, "config.json")) as f:
             self.args = ModelArgs.from_hf_config(json.load(f))
+        self.args.tp_rank, self.args.tp_size = tp_rank, config.tp  # tp > 1: in a worker (engine/worker.py)
         self.config = config
         self.device = resolve_device(config.device_type)
         self.dtype = resolve_dtype(config.dtype, self.args, self.device)
@@ -99,14 +100,15 @@ class ModelRunner:
                 from ..loader.dummy import init_dummy_weights
                 init_dummy_weights(model)
             else:
-                model.load_weights(iterate_weights(model_dir))
+                # tp > 1: each rank reads only its slices of the checkpoint
+                model.load_weights(iterate_weights(model_dir, lazy=self.args.tp_size > 1))
         return model.eval()
 
     def kv_bytes_per_token(self) -> int:
         a = self.args
         elem = 1 if self.config.quant_policy == 8 else self.dtype.itemsize
         per_head = a.head_dim * elem + (2 * self.dtype.itemsize if self.config.quant_policy == 8 else 0)
-        return 2 * a.num_layers * a.num_kv_heads * per_head
+        return 2 * a.num_layers * a.local_num_kv_heads * per_head
 
     def _allocate_kv_cache(self) -> int:
         a = self.args
@@ -118,12 +120,15 @@ class ModelRunner:
                 # Host memory is shared with everything else (vLLM's CPU backend also defaults to 4 GiB).
                 budget = min(budget, CPU_KV_CACHE_BYTES)
             num_blocks = budget // bytes_per_block
+            if a.tp_size > 1:  # every rank must hold the same blocks
+                from .distributed import agree_min
+                num_blocks = agree_min(num_blocks)
         if num_blocks < 1:
             raise RuntimeError("no memory left for the KV cache; lower the model size or raise "
                                "cache_max_entry_count, or set num_gpu_blocks")
         quant = self.config.quant_policy == 8
         cache_dtype = torch.uint8 if quant else self.dtype
-        shape = (a.num_layers, num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        shape = (a.num_layers, num_blocks, self.block_size, a.local_num_kv_heads, a.head_dim)
         # torch.empty: host pages are only touched (and counted) when a block is first written.
         self.k_cache = torch.empty(shape, dtype=cache_dtype, device=self.device)
         self.v_cache = torch.empty(shape, dtype=cache_dtype, device=self.device)

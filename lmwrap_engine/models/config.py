@@ -24,6 +24,13 @@ class ModelArgs:
     dtype: Optional[str]
     hf_config: Optional[dict] = None        # the whole config.json (a multimodal model reads its parts)
     disable_vision_encoder: bool = False    # build and load only its text model
+    tp_rank: int = 0  # this process's rank in the tensor-parallel group
+    tp_size: int = 1
+
+    @property
+    def local_num_kv_heads(self) -> int:
+        """KV heads this rank holds: its share, or one replicated head when there are fewer than ranks."""
+        return max(1, self.num_kv_heads // self.tp_size)
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":

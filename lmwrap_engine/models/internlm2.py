@@ -30,6 +30,7 @@ class InternLM2ForCausalLM(LlamaForCausalLM):
                 yield "lm_head.weight", tensor
                 continue
             if ".attention.wqkv." in name:
+                tensor = tensor.materialize() if hasattr(tensor, "materialize") else tensor  # packed per KV head
                 prefix, kind = name.split(".attention.wqkv.")
                 packed = tensor.view(args.num_kv_heads, groups + 2, args.head_dim, *tensor.shape[1:])
                 for proj, part in (("q_proj", packed[:, :groups]), ("k_proj", packed[:, groups]),

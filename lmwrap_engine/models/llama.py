@@ -9,6 +9,8 @@ from torch import nn
 from .config import ModelArgs
 from .layers.activation import SiluAndMul
 from .layers.attention import PagedAttention
+from .layers.linear import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
+                            VocabParallelEmbedding)
 from .layers.norm import RMSNorm
 from .layers.rotary import RotaryEmbedding
 
@@ -18,13 +20,15 @@ import kernels
 class LlamaAttention(nn.Module):
     def __init__(self, args: ModelArgs, qkv_bias: bool, qk_norm: bool = False):
         super().__init__()
-        self.num_heads = args.num_heads
-        self.num_kv_heads = args.num_kv_heads
+        tp = dict(tp_rank=args.tp_rank, tp_size=args.tp_size)
+        self.qkv_proj = QKVParallelLinear(args.hidden_size, args.head_dim, args.num_heads, args.num_kv_heads,
+                                          qkv_bias, **tp)
+        self.num_heads = self.qkv_proj.num_heads  # this rank's heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = args.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(args.num_heads * self.head_dim, args.hidden_size, bias=False, **tp)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
@@ -49,8 +53,9 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        tp = dict(tp_rank=args.tp_rank, tp_size=args.tp_size)
+        self.gate_up_proj = MergedColumnParallelLinear(args.hidden_size, [args.intermediate_size] * 2, False, **tp)
+        self.down_proj = RowParallelLinear(args.intermediate_size, args.hidden_size, bias=False, **tp)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +84,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, args: ModelArgs, qkv_bias: bool, qk_norm: bool):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size, args.tp_rank, args.tp_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(args, qkv_bias, qk_norm) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.rotary = RotaryEmbedding(args.head_dim, args.max_position_embeddings, args.rope_theta,
@@ -106,7 +111,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.model = LlamaModel(args, self.qkv_bias or args.attention_bias, self.qk_norm)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(args.hidden_size, args.vocab_size, args.tp_rank, args.tp_size)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -134,6 +139,7 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named checkpoint tensors in; fails on unknown names, bad shapes and missing tensors."""
         params = dict(self.named_parameters())
+        modules = dict(self.named_modules())
         loaded = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.args.tie_word_embeddings):
@@ -146,8 +152,13 @@ class LlamaForCausalLM(nn.Module):
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
             dest = params[target].data
-            if shard is not None:
+            owner, _, pname = target.rpartition(".")
+            if hasattr(modules[owner], "shard_view"):  # a tensor-parallel layer: this rank's part only
+                dest, tensor = modules[owner].shard_view(pname, dest, tensor, shard)
+            elif shard is not None:
                 dest = dest[self._shard_slice(shard)]
+            if hasattr(tensor, "materialize"):  # a lazy checkpoint slice (loader/safetensors.py) still unread
+                tensor = tensor.materialize()
             if dest.shape != tensor.shape:
                 raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(dest.shape)}")

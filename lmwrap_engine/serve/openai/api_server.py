@@ -39,10 +39,11 @@ def serve(model_path: Optional[str] = None, model_name: Optional[str] = None, ba
           server_port: int = 23333, allow_origins=("*",), allow_credentials: bool = True, allow_methods=("*",),
           allow_headers=("*",), log_level: str = "WARNING", api_keys=None, max_log_len: Optional[int] = None,
           disable_fastapi_docs: bool = False, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-          graceful_timeout_s: float = 10.0, tool_call_parser: Optional[str] = "auto") -> None:
+          graceful_timeout_s: float = 10.0, tool_call_parser: Optional[str] = "auto", dp: int = 1) -> None:
     """Loads the model and serves it until SIGTERM/SIGINT (then in-flight requests are aborted, the
     engine closed, and this returns). ``api_keys``: a str (comma-separated) or a list of keys.
-    ``tool_call_parser``: ``'auto'`` (from the chat template), ``'internlm2'``, ``'hermes'`` or ``'llama3'``."""
+    ``tool_call_parser``: ``'auto'`` (from the chat template), ``'internlm2'``, ``'hermes'`` or ``'llama3'``.
+    ``dp > 1``: that many engine replicas behind this one endpoint (see ``lmwrap_engine.replicas``)."""
     import uvicorn
 
     from ...async_engine import AsyncEngine
@@ -54,8 +55,13 @@ def serve(model_path: Optional[str] = None, model_name: Optional[str] = None, ba
     logging.getLogger("lmwrap_engine").setLevel(log_level.upper())
     sock = bind_socket(server_name, server_port)
     try:
-        engine = AsyncEngine(model_path, model_name=model_name, backend=backend, backend_config=backend_config,
-                             chat_template_config=chat_template_config, max_log_len=max_log_len)
+        kwargs = dict(model_name=model_name, backend=backend, backend_config=backend_config,
+                      chat_template_config=chat_template_config, max_log_len=max_log_len)
+        if dp > 1:
+            from ...replicas import ReplicaSet
+            engine = ReplicaSet(model_path, dp=dp, **kwargs)
+        else:
+            engine = AsyncEngine(model_path, **kwargs)
     except BaseException:
         sock.close()
         raise

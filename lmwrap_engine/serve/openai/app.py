@@ -33,8 +33,12 @@ async def check_api_key(request: Request) -> None:
 
 
 @router.get("/health")
-async def health() -> Response:
-    """Liveness: 200 while the server runs (no API key needed)."""
+async def health(ctx: ServerContext = Depends(server_context)) -> Response:
+    """Liveness: 200 while the server runs (no API key needed); 503 with the reason once its engine
+    can run no more (a tensor-parallel worker died): restart the server."""
+    failure = getattr(ctx.engine, "failure", None)
+    if failure:
+        return Response(failure, status_code=503, media_type="text/plain")
     return Response(status_code=200)
 
 

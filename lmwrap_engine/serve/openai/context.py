@@ -227,7 +227,7 @@ class ServerContext:
             async for i, out in self.run_all(jobs, route, arrival):
                 choices[i].add(out)
                 if out.finish_reason == "error":
-                    raise_engine_error(out, self.draining)
+                    raise_engine_error(out, self.draining, getattr(self.engine, "failure", None))
         task = asyncio.ensure_future(consume())
         try:
             while True:
@@ -244,10 +244,12 @@ class ServerContext:
                     await asyncio.gather(task, return_exceptions=True)
 
 
-def raise_engine_error(out: GenOut, draining: bool) -> None:
+def raise_engine_error(out: GenOut, draining: bool, engine_failure: Optional[str] = None) -> None:
     """The ``APIError`` of an engine delta that finished with ``error``."""
     if draining:
         raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, "The server is shutting down.")
+    if engine_failure:  # the engine can run no more (a dead tensor-parallel worker): not the request's fault
+        raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, out.response or engine_failure)
     if out.generate_token_len == 0:  # the engine refused the request before running it: its input
         raise APIError(HTTPStatus.BAD_REQUEST, out.response or "The engine rejected the request.")
     logger.error("a request failed in the engine: %s", out.response)

@@ -48,6 +48,17 @@ class _EngineCollector:
             rate = stats["num_prefix_hit_tokens"] / queried if queried else 0.0
             yield GaugeMetricFamily("lmwrap_prefix_cache_hit_rate",
                                     "prefix-cache hit tokens / looked-up prompt tokens", value=rate)
+        replicas = stats.get("replicas") or []
+        if replicas:  # data-parallel replicas (lmwrap_engine.replicas): each one's stats under its index
+            per = dict(ENGINE_COUNTERS, **ENGINE_GAUGES, outstanding=("lmwrap_replica_outstanding_requests",
+                                                                      "requests routed to the replica, not finished"))
+            for key, (name, doc) in per.items():
+                family = (CounterMetricFamily if key in ENGINE_COUNTERS else GaugeMetricFamily)(
+                    f"{name}_by_replica" if key != "outstanding" else name, f"{doc}, per replica", labels=["replica"])
+                for i, s in enumerate(replicas):
+                    if key in s:
+                        family.add_metric([str(i)], s[key])
+                yield family
 
 
 class ServerMetrics:

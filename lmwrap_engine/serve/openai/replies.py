@@ -70,7 +70,7 @@ async def reply(ctx: ServerContext, jobs: List[Job], route: str, arrival: float,
             async for i, out in ctx.run_all(jobs, route, arrival):
                 choices[i].add(out)
                 if out.finish_reason == "error":
-                    raise_engine_error(out, ctx.draining)
+                    raise_engine_error(out, ctx.draining, getattr(ctx.engine, "failure", None))
                 data = chunk(i, out, choices[i])
                 for item in data if isinstance(data, list) else [data]:
                     yield line(item)

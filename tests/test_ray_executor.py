@@ -1,0 +1,84 @@
+"""The Ray executor on a local Ray cluster on 127.0.0.1 (started here, stopped at the end): tp=2 on Ray
+actors gives transformers' greedy tokens and tp=1's logits."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import torch
+
+from serving import free_port
+from test_engine_parity import PROMPTS
+from test_tensor_parallel import GREEDY, _alive, _generate_all, chunked_logits
+from tiny_models import load_reference, reference_greedy
+
+ray = pytest.importorskip("ray", reason="the Ray executor needs ray (pip install 'lmwrap[ray]')")
+
+from lmwrap_engine import PytorchEngineConfig, pipeline  # noqa: E402
+from lmwrap_engine.config import EngineConfig  # noqa: E402
+from lmwrap_engine.engine.model_runner import ModelRunner  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """``ray start --head --block`` on 127.0.0.1 in its own temp dir; SIGTERM to it stops what it started."""
+    port = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="lmw_ray_", dir="/tmp")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    proc = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                             "--port", str(port), "--num-cpus", "4", "--num-gpus", "0",
+                             "--object-store-memory", str(100 << 20), "--include-dashboard", "false",
+                             "--disable-usage-stats", "--temp-dir", temp_dir],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, "ray start exited"
+            status = subprocess.run([ray_bin, "status", "--address", address], env=env, capture_output=True)
+            if status.returncode == 0:
+                break
+            assert time.monotonic() < deadline, status.stderr.decode()[-2000:]
+            time.sleep(1)
+        yield address
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_ray_tp2_matches_tp1_and_transformers(ray_cluster, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster)
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    path = tiny_model_dir("qwen3")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    prompts_ids = [tok.encode(p) for p in PROMPTS[:4]]
+    ref = load_reference(path)
+    expected = [reference_greedy(ref, ids, GREEDY.max_new_tokens)[len(ids):] for ids in prompts_ids]
+    cfg = PytorchEngineConfig(tp=2, distributed_executor_backend="ray", dtype="float32", num_gpu_blocks=12,
+                              block_size=4, max_prefill_token_num=7, max_batch_size=4, device_type="cpu")
+    with pipeline(path, cfg) as pipe:
+        assert _generate_all(pipe, prompts_ids) == expected
+        executor = pipe._loop.engine.runner
+        pids = list(executor.pids)
+        assert len(set(pids)) == 2 and os.getpid() not in pids
+        ids = prompts_ids[3]
+        chunks = [len(ids) - 2, 1, 1]
+        got = pipe._loop.ask(lambda e: chunked_logits(e.runner, ids, chunks)).result()
+    one = ModelRunner(path, EngineConfig(dtype="float32", num_gpu_blocks=12, block_size=4, device_type="cpu"))
+    torch.testing.assert_close(got, chunked_logits(one, ids, chunks), atol=1e-5, rtol=1e-5)
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:  # the actors were killed on close
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids)
