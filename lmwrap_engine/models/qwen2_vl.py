@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs
-from .layers.norm import RMSNorm
-from .llama import LlamaDecoderLayer
+from .llama import LlamaModel
 
 import kernels
 
@@ -326,23 +325,12 @@ class VisionTransformer(nn.Module):
 # Language model and the whole
 # ---------------------------------------------------------------------------------------------
 
-class Qwen2VLTextModel(nn.Module):
-    def __init__(self, args: ModelArgs, mrope_section: Sequence[int]):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(args, True, False) for _ in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.rotary = MRotaryEmbedding(args.head_dim, args.rope_theta, mrope_section)
+class Qwen2VLTextModel(LlamaModel):
+    """Qwen2's decoder (q/k/v biases) with M-RoPE: ``forward`` takes positions ``[T]`` or ``[3, T]``."""
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        cos, sin = self.rotary.cos_sin(positions, torch.float32)
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(hidden, residual, cos, sin)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+    def __init__(self, args: ModelArgs, mrope_section: Sequence[int]):
+        super().__init__(args, qkv_bias=True, qk_norm=False)
+        self.rotary = MRotaryEmbedding(args.head_dim, args.rope_theta, mrope_section)
 
 
 class Qwen2VLForConditionalGeneration(nn.Module):
