@@ -35,13 +35,16 @@ class _Window:
 class _SeqView:
     """What ``ModelRunner`` reads of a ``Sequence``."""
 
-    __slots__ = ("token_ids", "num_computed_tokens", "num_tokens", "block_table")
+    __slots__ = ("token_ids", "num_computed_tokens", "num_tokens", "block_table", "mm_items", "mrope_delta")
 
     def __init__(self, start: int, ids: List[int], num_tokens: int, block_table: List[int]):
         self.token_ids = _Window(start, ids)
         self.num_computed_tokens = start
         self.num_tokens = num_tokens
         self.block_table = block_table
+        # Images never reach the ranks: vision-language models run at tp=1 only (executor.make_runner).
+        self.mm_items = ()
+        self.mrope_delta = 0
 
 
 @dataclass
