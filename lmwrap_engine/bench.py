@@ -79,6 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--no-enable-prefix-caching measures the cache's overhead)")
     parser.add_argument("--response-format", default=None, choices=sorted(RESPONSE_FORMATS),
                         help="constrain every request (json: a small JSON schema) to measure structured output")
+    parser.add_argument("--compare", default=None, choices=["llama.cpp"],
+                        help="also run llama.cpp (llama-cpp-python) on the same GGUF file, requests one at a time")
 
 
 def _sharegpt_like_length(rng: random.Random, mu_sigma, bounds) -> int:
@@ -198,6 +200,12 @@ def _free_device_memory(device) -> None:
         torch.cuda.empty_cache()
 
 
+def _intra_op_threads() -> int:
+    """The threads our engine computes with (torch's intra-op pool), given to llama.cpp too."""
+    import torch
+    return torch.get_num_threads()
+
+
 def _length_bounds(args) -> Tuple[Tuple[int, int], Tuple[int, int]]:
     default_in, default_out = DEFAULT_LENGTHS[args.dataset]
     bounds = (tuple(args.input_len or default_in), tuple(args.output_len or default_out))
@@ -248,6 +256,9 @@ def throughput(args) -> None:
     pipe.close()
     del pipe  # the engine's weights and KV cache go before transformers loads its copy
     _free_device_memory(device)
+    if args.compare == "llama.cpp":
+        from . import bench_llamacpp
+        print(bench_llamacpp.throughput(args.model, workload, _intra_op_threads()))
     if args.no_hf:
         return
     hf_workload = workload[:args.hf_num_requests]
@@ -267,6 +278,8 @@ def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--compare", default=None, choices=["llama.cpp"],
+                        help="also run llama.cpp (llama-cpp-python) on the same GGUF file")
 
 
 def latency(args) -> None:
@@ -295,6 +308,9 @@ def latency(args) -> None:
     pipe.close()
     del pipe
     _free_device_memory(device)
+    if args.compare == "llama.cpp":
+        from . import bench_llamacpp
+        print(bench_llamacpp.latency(args.model, ids, args.output_len, args.runs, _intra_op_threads()))
     if args.no_hf:
         return
     import torch
