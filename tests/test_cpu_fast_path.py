@@ -139,3 +139,31 @@ def test_bf16_int4_pipeline_greedy_matches_transformers_bf16(q4_model_dir):
     prompts = [list(range(3, 20)), list(range(50, 90))]
     got = _pipeline_greedy(q4_model_dir, prompts, 8)
     assert got == [reference_greedy(ref, ids, 8)[len(ids):] for ids in prompts]
+
+
+@pytest.fixture(scope="module")
+def q4_1_gguf(tiny_model_dir, tmp_path_factory):
+    from test_gguf import write_gguf
+    return write_gguf(tiny_model_dir(), str(tmp_path_factory.mktemp("gguf") / "tiny.Q4_1.gguf"), Q.Q4_1)
+
+
+def test_q4_1_gguf_runs_4bit_on_cpu_bf16(q4_1_gguf, tmp_path):
+    """The real path: .gguf -> converted fp32 folder -> recognised as 4-bit at load."""
+    from lmwrap_engine.loader.gguf import gguf_to_hf_dir
+    folder = gguf_to_hf_dir(q4_1_gguf, str(tmp_path))
+    runner = _runner(folder, "bfloat16")
+    assert _int4_count(runner) == 2 * 4 + 1  # every projection and the (untied) lm_head
+    ids = list(range(3, 40))
+    full = run_prefill_logits(_runner(folder, "float32"), ids, [len(ids)])
+    torch.testing.assert_close(run_prefill_logits(runner, ids, [30] + [1] * 7), full, atol=0.2, rtol=0)
+
+
+def test_bench_compare_llama_cpp_runs_on_the_same_gguf(q4_1_gguf, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from lmwrap_engine import bench_llamacpp
+    assert bench_llamacpp.gguf_file(str(tmp_path)) is None
+    assert "skipped" in bench_llamacpp.latency(str(tmp_path), [5, 6, 7], 4, 1, 1)
+    line = bench_llamacpp.latency(q4_1_gguf, list(range(3, 40)), 8, 1, 1)
+    assert line.startswith("llama.cpp    : time to first token") and "tiny.Q4_1.gguf" in line, line
+    line = bench_llamacpp.throughput(q4_1_gguf, [(list(range(3, 20)), 5), (list(range(9, 40)), 3)], 1)
+    assert "output tok/s" in line, line
