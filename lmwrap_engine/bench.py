@@ -339,7 +339,7 @@ t0 = float(sys.argv[1])
 from lmwrap_engine import pipeline, GenerationConfig
 pipe = pipeline(sys.argv[2] if len(sys.argv) > 2 else None)
 t1 = time.time()
-for d in pipe.generate("What is the capital of France?", gen_config=GenerationConfig(max_new_tokens=1)):
+for d in pipe.stream_generate("What is the capital of France?", gen_config=GenerationConfig(max_new_tokens=1)):
     break
 t2 = time.time()
 print(f"{t1 - t0:.3f} {t2 - t0:.3f}")

@@ -14,14 +14,8 @@ from typing import List, Optional, Sequence, Tuple
 
 def gguf_file(model: Optional[str]) -> Optional[str]:
     """The .gguf file behind the bench's model argument (the default model when omitted), else None."""
-    if model is None:
-        from .model_path import default_gguf_path
-        try:
-            return default_gguf_path()
-        except Exception:  # the default model's package is missing: nothing to compare
-            return None
-    path = os.path.expanduser(model)
-    return path if path.lower().endswith(".gguf") and os.path.isfile(path) else None
+    from .bench_agents import _llama_cpp_gguf  # the same rule as bench agents' comparison
+    return _llama_cpp_gguf(model)[0]
 
 
 def open_llama(model: Optional[str], n_ctx: int, threads: int):
