@@ -86,6 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a vision-language model, N random images per request (see lmwrap_engine/bench_vl.py)")
     parser.add_argument("--image-size", type=int, nargs=2, default=(64, 512), metavar=("MIN", "MAX"),
                         help="with --images: image sides uniform in this range of pixels")
+    parser.add_argument("--compare", default=None, choices=["llama.cpp"],
+                        help="also run llama.cpp (llama-cpp-python) on the same GGUF file, requests one at a time")
 
 
 def _sharegpt_like_length(rng: random.Random, mu_sigma, bounds) -> int:
@@ -208,6 +210,12 @@ def _free_device_memory(device) -> None:
         torch.cuda.empty_cache()
 
 
+def _intra_op_threads() -> int:
+    """The threads our engine computes with (torch's intra-op pool), given to llama.cpp too."""
+    import torch
+    return torch.get_num_threads()
+
+
 def _length_bounds(args) -> Tuple[Tuple[int, int], Tuple[int, int]]:
     default_in, default_out = DEFAULT_LENGTHS[args.dataset]
     bounds = (tuple(args.input_len or default_in), tuple(args.output_len or default_out))
@@ -265,6 +273,9 @@ def throughput(args) -> None:
     pipe.close()
     del pipe  # the engine's weights and KV cache go before transformers loads its copy
     _free_device_memory(device)
+    if args.compare == "llama.cpp":
+        from . import bench_llamacpp
+        print(bench_llamacpp.throughput(args.model, workload, _intra_op_threads()))
     if args.no_hf:
         return
     hf_workload = workload[:args.hf_num_requests]
@@ -284,6 +295,8 @@ def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--compare", default=None, choices=["llama.cpp"],
+                        help="also run llama.cpp (llama-cpp-python) on the same GGUF file")
 
 
 def latency(args) -> None:
@@ -312,6 +325,9 @@ def latency(args) -> None:
     pipe.close()
     del pipe
     _free_device_memory(device)
+    if args.compare == "llama.cpp":
+        from . import bench_llamacpp
+        print(bench_llamacpp.latency(args.model, ids, args.output_len, args.runs, _intra_op_threads()))
     if args.no_hf:
         return
     import torch
@@ -340,7 +356,7 @@ t0 = float(sys.argv[1])
 from lmwrap_engine import pipeline, GenerationConfig
 pipe = pipeline(sys.argv[2] if len(sys.argv) > 2 else None)
 t1 = time.time()
-for d in pipe.generate("What is the capital of France?", gen_config=GenerationConfig(max_new_tokens=1)):
+for d in pipe.stream_generate("What is the capital of France?", gen_config=GenerationConfig(max_new_tokens=1)):
     break
 t2 = time.time()
 print(f"{t1 - t0:.3f} {t2 - t0:.3f}")

@@ -12,6 +12,7 @@ from ..config import EngineConfig
 from ..loader.safetensors import iterate_weights
 from ..models.config import ModelArgs
 from ..models.layers.attention import PagedAttention
+from ..models.layers.quant_linear import convert_int4_linears, int4_pays_off
 from ..models.registry import build_model
 from .context import ForwardContext, StepContext
 from .cuda_graph import DecodeGraphs
@@ -49,11 +50,11 @@ def cpu_has_fast_bf16() -> bool:
 def resolve_dtype(dtype: str, args: ModelArgs, device: torch.device) -> torch.dtype:
     if dtype != "auto":
         return _DTYPES[dtype]
-    chosen = _DTYPES.get(str(args.dtype).replace("torch.", ""), torch.bfloat16)
-    if device.type == "cpu" and chosen != torch.float32:
-        # fp16 has no fast CPU path at all; bf16 only with hardware support.
-        chosen = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    return chosen
+    if device.type == "cpu":
+        # Whatever the config says: fp16 has no fast CPU path at all, and bf16 (with hardware support)
+        # halves the bytes every decode step reads, fp32 configs (converted GGUFs) included.
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return _DTYPES.get(str(args.dtype).replace("torch.", ""), torch.bfloat16)
 
 
 def available_memory(device: torch.device) -> int:
@@ -91,9 +92,13 @@ class ModelRunner:
                             self.dtype, self.device, capture=capture)
 
     def _load_model(self, model_dir: str) -> torch.nn.Module:
+        # A float32 checkpoint headed for CPU bf16 (a converted GGUF) loads in fp32 first, so that
+        # 4-bit weights are recognised before bf16 rounding blurs them (quant_linear.py).
+        int4 = (self.config.load_format != "dummy" and int4_pays_off(self.device, self.dtype)
+                and str(self.args.dtype).replace("torch.", "") == "float32")
         with torch.device("meta"):
             model = build_model(self.args)
-        model = model.to_empty(device=self.device).to(self.dtype)
+        model = model.to_empty(device=self.device).to(torch.float32 if int4 else self.dtype)
         model.tie_weights()
         with torch.no_grad():
             if self.config.load_format == "dummy":
@@ -102,6 +107,9 @@ class ModelRunner:
             else:
                 # tp > 1: each rank reads only its slices of the checkpoint
                 model.load_weights(iterate_weights(model_dir, lazy=self.args.tp_size > 1))
+            if int4:
+                convert_int4_linears(model, self.dtype)
+                model = model.to(self.dtype)
         return model.eval()
 
     def kv_bytes_per_token(self) -> int:

@@ -1,0 +1,141 @@
+"""Weight-only int4 linears for the CPU: a post-load pass that keeps 4-bit GGUF weights 4-bit.
+
+A GGUF file is converted to a float32 checkpoint (``loader/gguf.py``), so a Q4_0/Q4_1 tensor arrives
+here already dequantised. Its values still sit on the 4-bit lattice the file stored: in each group of
+32 along a row, ``w = m + d * q`` with ``q`` in 0..15: for Q4_1 llama.cpp's quantiser puts the group's
+minimum at ``q = 0`` and its maximum at ``q = 15``, for Q4_0 ``m = -8 d`` and the largest-magnitude value
+sits at ``q = 0``. So ``d``, ``m`` and ``q`` are recovered from the float weights, and a weight is only converted when that reconstruction is exact (to float
+rounding): the pass never makes a model lossier than the file it came from. Any other linear (HF
+weights, Q8_0/K-quant tensors, the tied embedding / lm_head) stays as it is.
+
+The 4-bit weights feed torch's ``_weight_int4pack_mm_for_cpu`` (torch's ``w = (q - 8) * scale + zero``
+layout, so ``zero = m + 8 d``), which reads a quarter of the bf16 bytes per token: decode at small
+batch is bound by the bytes it reads. Larger batches (prefill, batched decode) are compute-bound, and
+there the dense bf16 matmul wins, so the module keeps both (1.28x the bf16 weight bytes).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("lmwrap_engine")
+
+GROUP_SIZE = 32  # the block size of every GGUF 4-bit type
+# A group counts as 4-bit when its reconstruction error stays below this fraction of its step d:
+# a lattice weight reconstructs to float rounding (~1e-6 d), any other weight is off by up to d / 2.
+EXACT_TOLERANCE = 1e-3
+_INNER_K_TILES = 2
+# Rows up to which the 4-bit kernel beats the dense bf16 matmul (1 thread, 2-core AVX-512 BF16 EPYC,
+# SmolLM2-135M shapes: 4-bit 1.5-1.8x faster at 1 row, even at 4, 2x slower at 16).
+MAX_INT4_ROWS = 4
+
+
+def find_int4_lattice(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> Optional[Tuple[torch.Tensor, ...]]:
+    """``(q [N, K] int32 in 0..15, step [N, K/g], minimum [N, K/g])`` with ``weight == minimum + step * q``
+    per group of ``group_size`` along K, or ``None`` when ``weight`` is not (exactly) on such a lattice.
+
+    Each group is tried as Q4_1 (``min + d q``: the group's min at q = 0, its max at q = 15) and as Q4_0
+    (``d (q - 8)`` with ``d = -x / 8`` for the group's largest-magnitude value ``x``, so ``d`` may be negative).
+    """
+    n, k = weight.shape
+    if k % group_size or n % 16:
+        return None
+    w = weight.detach().float().view(n, k // group_size, group_size)
+    lo, hi = w.amin(-1), w.amax(-1)
+    largest = torch.where(hi.abs() > lo.abs(), hi, lo)
+    sym_step = -largest / 8
+    candidates = [((hi - lo) / 15, lo), (sym_step, -8 * sym_step)]
+    best = None
+    for step, base in candidates:
+        safe = torch.where(step != 0, step, torch.ones_like(step))
+        q = torch.round((w - base[..., None]) / safe[..., None]).clamp_(0, 15)
+        err = (q * step[..., None] + base[..., None] - w).abs().amax(-1)
+        ok = err <= EXACT_TOLERANCE * step.abs() + 1e-6 * largest.abs()
+        if best is None:
+            best = (q, step, base, ok)
+        else:
+            take = ok & ~best[3]
+            best = (torch.where(take[..., None], q, best[0]), torch.where(take, step, best[1]),
+                    torch.where(take, base, best[2]), best[3] | ok)
+    q, step, base, ok = best
+    if not bool(ok.all()):
+        return None
+    return q.to(torch.int32).view(n, k), step, base
+
+
+class Int4Linear(nn.Module):
+    """``y = x @ W.T (+ bias)`` with ``W`` held as packed 4-bit groups for small batches (CPU only)."""
+
+    def __init__(self, q: torch.Tensor, step: torch.Tensor, minimum: torch.Tensor, weight: torch.Tensor,
+                 bias: Optional[torch.Tensor], dtype: torch.dtype, group_size: int = GROUP_SIZE):
+        super().__init__()
+        # The dense copy serves batches of more than MAX_INT4_ROWS rows (prefill, batched decode),
+        # where the dense matmul is faster than unpacking 4-bit groups.
+        self.weight = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+        self.in_features = q.shape[1]
+        self.out_features = q.shape[0]
+        self.group_size = group_size
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), _INNER_K_TILES)
+        scales_zeros = torch.stack([step, minimum + 8 * step], -1).transpose(0, 1).contiguous().to(dtype)
+        self.register_buffer("packed_weight", packed, persistent=False)
+        self.register_buffer("scales_zeros", scales_zeros, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if x.numel() > MAX_INT4_ROWS * shape[-1]:
+            return nn.functional.linear(x, self.weight, self.bias)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).contiguous(), self.packed_weight,
+                                                       self.group_size, self.scales_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+def int4_pays_off(device: torch.device, dtype: torch.dtype) -> bool:
+    """Where the packed kernel beats a dense matmul: CPU in bf16. (In fp32 torch's CPU kernel is many
+    times slower than a dense fp32 matmul, measured; CUDA has its own layout.) ``LMWRAP_INT4=0`` turns it off."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and os.environ.get("LMWRAP_INT4", "1") != "0"
+
+
+def convert_int4_linears(model: nn.Module, dtype: torch.dtype) -> int:
+    """Swap every ``nn.Linear`` whose weight lies on a 4-bit group lattice for an :class:`Int4Linear`
+    (in place). Linears whose weight is shared (tied embeddings) are left alone. Returns how many."""
+    counts = {}
+    for p in _all_params(model):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    swaps = []
+    for name, module in model.named_modules():
+        if not (isinstance(module, nn.Linear) and _plain_forward(module)):
+            continue
+        if counts.get(id(module.weight), 0) > 1:
+            continue
+        lattice = find_int4_lattice(module.weight)
+        if lattice is not None:
+            swaps.append((name, Int4Linear(*lattice, module.weight, module.bias, dtype)))
+    for name, new in swaps:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    if swaps:
+        logger.info("weight-only int4: %d linears kept 4-bit", len(swaps))
+    return len(swaps)
+
+
+def _all_params(model: nn.Module):
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                yield p
+
+
+def _plain_forward(module: nn.Linear) -> bool:
+    """A subclass that does more than ``F.linear`` keeps its own forward: a tensor-parallel linear's
+    collectives (at ``tp_size == 1`` they are exactly ``F.linear``, so the swap is safe there)."""
+    return type(module).forward is nn.Linear.forward or getattr(module, "tp_size", None) == 1
