@@ -21,7 +21,7 @@ def test_half_precision_logits_track_float32(tiny_model_dir, dtype, atol):
     torch.testing.assert_close(half, full, atol=atol, rtol=0)
 
 
-def test_auto_dtype_on_cpu_follows_the_hardware(monkeypatch):
+def test_auto_dtype_on_cpu_follows_the_config_and_the_hardware(monkeypatch):
     import lmwrap_engine.engine.model_runner as mr
     args = ModelArgs.from_hf_config(dict(architectures=["LlamaForCausalLM"], vocab_size=8, hidden_size=8,
                                          intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
@@ -36,5 +36,5 @@ def test_auto_dtype_on_cpu_follows_the_hardware(monkeypatch):
     args.dtype = "float32"
     assert resolve_dtype("auto", args, cpu) == torch.float32
     monkeypatch.setattr(mr, "cpu_has_fast_bf16", lambda: True)
-    assert resolve_dtype("auto", args, cpu) == torch.bfloat16  # a float32 config too (converted GGUFs)
+    assert resolve_dtype("auto", args, cpu) == torch.float32  # a float32 config stays (converted GGUFs)
     assert resolve_dtype("float16", args, cpu) == torch.float16  # an explicit choice is honoured

@@ -50,11 +50,13 @@ def cpu_has_fast_bf16() -> bool:
 def resolve_dtype(dtype: str, args: ModelArgs, device: torch.device) -> torch.dtype:
     if dtype != "auto":
         return _DTYPES[dtype]
-    if device.type == "cpu":
-        # Whatever the config says: fp16 has no fast CPU path at all, and bf16 (with hardware support)
-        # halves the bytes every decode step reads, fp32 configs (converted GGUFs) included.
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    return _DTYPES.get(str(args.dtype).replace("torch.", ""), torch.bfloat16)
+    chosen = _DTYPES.get(str(args.dtype).replace("torch.", ""), torch.bfloat16)
+    if device.type == "cpu" and chosen != torch.float32:
+        # fp16 has no fast CPU path at all; bf16 only with hardware support. A float32 config (a
+        # converted GGUF) stays float32: in bf16 greedy near-ties flip with the batch's make-up (the
+        # 4-bit kernel serves small batches, the dense weights large ones), so bf16 is asked for.
+        chosen = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return chosen
 
 
 def available_memory(device: torch.device) -> int:
