@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from lmwrap_engine.serve.triton import protocol as P
 
 from .base import BaseLLM, Delta, LLMError, ModelStatusCode, Session, resolve_meta_template
+from .prompt import prompt_images
 
 logger = logging.getLogger('lmwrap')
 
@@ -90,9 +91,14 @@ class TritonClient(BaseLLM):
     # -- the adapter primitive --------------------------------------------------------------------
 
     def _stream(self, prompt: str, gen_params: Dict[str, Any], session: Session) -> Iterator[Delta]:
+        if prompt_images(prompt):  # never dropped silently
+            raise LLMError('TritonClient cannot send images: the Triton protocols carry text only; use '
+                           'LMDeployClient, LMDeployServer or LMDeployPipeline for image messages',
+                           ModelStatusCode.SESSION_INVALID_ARG)
         if self.protocol == 'text':
-            return self._stream_text(prompt, gen_params, session)
-        return self._stream_turbomind(prompt, gen_params, session)
+            yield from self._stream_text(prompt, gen_params, session)
+        else:
+            yield from self._stream_turbomind(prompt, gen_params, session)
 
     def _stream_turbomind(self, prompt: str, params: Dict[str, Any], session: Session) -> Iterator[Delta]:
         import numpy as np

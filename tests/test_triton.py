@@ -251,6 +251,13 @@ def test_triton_client_errors_are_negative_statuses(server):
     assert list(missing.stream_chat(DIALOG))[-1][0] == ModelStatusCode.SESSION_INVALID_ARG
     with pytest.raises(Exception, match='does not serve'):
         missing.generate('hello')
+    # An image message is refused up front (the protocols carry text), never sent with its image dropped.
+    image_dialog = [{'role': 'user', 'content': [{'type': 'text', 'text': 'describe'},
+                                                  {'type': 'image_url', 'image_url': {'url': 'data:image/png;base64,AA=='}}]}]
+    client = TritonClient(server, meta_template='smollm2', **GREEDY)
+    assert list(client.stream_chat(image_dialog))[-1][0] == ModelStatusCode.SESSION_INVALID_ARG
+    with pytest.raises(Exception, match='cannot send images'):
+        client.chat(image_dialog)
 
 
 def test_triton_client_imports_without_torch():
