@@ -25,6 +25,8 @@ from .engine.sampling_params import SamplingParams
 logger = logging.getLogger("lmwrap_engine")
 
 START_TIMEOUT_S = 600
+WATCH_INTERVAL_S = 2.0
+WATCH_TIMEOUT_S = 30.0
 
 
 def uses_ray(engine_kwargs: dict) -> bool:
@@ -43,7 +45,7 @@ class _ReplicaActor:
         e = self.engine
         return {"pid": os.getpid(), "session_len": e.session_len, "vocab_size": e.vocab_size,
                 "device": str(e.device), "dtype": e.dtype, "num_blocks": e.num_blocks, "block_size": e.block_size,
-                "model_args": e.model_args}
+                "model_args": e.model_args, "last_stats": e.stats()}
 
     async def stream(self, session_id, input_ids, params, sequence_start, sequence_end, step):
         loop = asyncio.get_running_loop()
@@ -129,14 +131,7 @@ class RayReplica:
                     return
             raise RuntimeError("the replica actor's stream ended without a finished output")
         except Exception as exc:
-            if self._closed:
-                message = "the engine is closed"
-            else:
-                message = (f"replica {self.index} (Ray actor) failed: {type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''}; it serves no more requests")
-                if self._failed is None:
-                    logger.error("%s", message)
-                    self._failed = message
+            message = "the engine is closed" if self._closed else self._fail(exc)
             emit(RequestOutput("", [], 0, 0, 0, finish_reason="error", error=message))
 
     def _open_stream(self, aio_loop=None):
@@ -154,13 +149,39 @@ class RayReplica:
             self.actor.end_session.remote(session_id)
 
     async def session_tokens(self, session_id: int) -> int:
-        return await self.actor.session_tokens.remote(session_id)
+        """0 once the replica failed (its sessions' KV cache is gone; the next turn fails with the reason)."""
+        if self._failed:
+            return 0
+        try:
+            return await self.actor.session_tokens.remote(session_id)
+        except Exception as exc:
+            self._fail(exc)
+            return 0
 
     async def astats(self) -> dict:
-        return await self.actor.stats.remote()
+        """The actor's engine stats; a failed replica's last ones."""
+        if not self._failed and not self._closed:
+            try:
+                self.last_stats = await self.actor.stats.remote()
+            except Exception as exc:
+                self._fail(exc)
+        return dict(self.last_stats)
 
     def stats(self) -> dict:
-        return self._ray.get(self.actor.stats.remote())
+        if not self._failed and not self._closed:
+            try:
+                self.last_stats = self._ray.get(self.actor.stats.remote())
+            except Exception as exc:
+                self._fail(exc)
+        return dict(self.last_stats)
+
+    def _fail(self, exc: BaseException) -> str:
+        message = (f"replica {self.index} (Ray actor) failed: {type(exc).__name__}: "
+                   f"{str(exc).splitlines()[0] if str(exc) else ''}; it serves no more requests")
+        if self._failed is None and not self._closed:
+            logger.error("%s", message)
+            self._failed = message
+        return self._failed or message
 
     @property
     def is_closed(self) -> bool:
@@ -229,12 +250,35 @@ class RayReplicaGroup:
                     pass
             self.close()
             raise
+        self._monitor = asyncio.run_coroutine_threadsafe(self._watch(), self._aio)
         logger.info("%d replicas on Ray (actor pids %s)", dp, [r.pid for r in self.replicas])
+
+    async def _watch(self) -> None:
+        """Asks each replica actor every ``WATCH_INTERVAL_S`` whether it can run: a dead actor (or an engine
+        whose tp rank died) sets the replica's ``failure`` even while no request is on it."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            for r in self.replicas:
+                if r._closed or r._failed:
+                    continue
+                try:
+                    failed = await asyncio.wait_for(r.actor.failure.remote(), WATCH_TIMEOUT_S)
+                except asyncio.TimeoutError:
+                    continue  # busy, not dead (a dead actor's call fails at once)
+                except Exception as exc:
+                    r._fail(exc)
+                    continue
+                if failed and not r._closed and r._failed is None:
+                    logger.error("%s", failed)
+                    r._failed = failed
 
     def close(self) -> None:
         """Closes and kills every replica actor, stops the pump thread, and disconnects (the cluster keeps running)."""
         for r in self.replicas:
             r.close()
+        monitor = getattr(self, "_monitor", None)
+        if monitor is not None:
+            monitor.cancel()
         if self._aio.is_running():
             self._aio.call_soon_threadsafe(self._aio.stop)
             self._thread.join(10)

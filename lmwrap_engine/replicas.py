@@ -63,7 +63,9 @@ class ReplicaSet:
         with self._lock:
             i = self._affinity.get(session_id)
             if i is None:
-                i = min(range(len(self.replicas)), key=lambda r: (self.outstanding[r], self.sessions_routed[r]))
+                # a failed replica (dead Ray actor or tp worker) takes no new sessions while another can
+                i = min(range(len(self.replicas)), key=lambda r: (self.replicas[r].failure is not None,
+                                                                  self.outstanding[r], self.sessions_routed[r]))
                 self.sessions_routed[i] += 1
                 if len(self._affinity) >= MAX_AFFINITY:
                     self._affinity.popitem(last=False)

@@ -84,6 +84,13 @@ def test_ray_tp2_matches_tp1_and_transformers(ray_cluster, tiny_model_dir, monke
     assert not any(_alive(p) for p in pids)
 
 
+def _generate_on(url: str, sid: int):
+    import requests
+    return requests.post(url + "/v1/chat/interactive", timeout=120, json={
+        "prompt": "more", "session_id": sid, "interactive_mode": True, "request_output_len": 2,
+        "temperature": 0, "ignore_eos": True})
+
+
 def _replica_actor_pids() -> list:
     """Pids of live processes Ray titled ``ray::_ReplicaActor...`` (the replica actors)."""
     pids = []
@@ -135,7 +142,7 @@ def test_ray_dp2_api_server_replicas_are_actors(ray_cluster, tiny_model_dir):
                 import json
                 lines = [json.loads(x) for x in r.text.splitlines() if x.strip()]
                 return {"history_tokens": lines[-1]["history_tokens"], "input_tokens": lines[-1]["input_tokens"],
-                        "tokens": sum(x["tokens"] for x in lines) if False else lines[-1]["tokens"]}
+                        "tokens": lines[-1]["tokens"]}
             return r.json()
         from concurrent.futures import ThreadPoolExecutor
 
@@ -144,6 +151,23 @@ def test_ray_dp2_api_server_replicas_are_actors(ray_cluster, tiny_model_dir):
         with ThreadPoolExecutor(8) as pool:
             turns = list(pool.map(session, range(1, 9)))
         metrics = requests.get(url + "/metrics", timeout=10).text
+        assert requests.get(url + "/health", timeout=10).status_code == 200
+        dead = sorted(actors)[0]
+        os.kill(dead, signal.SIGKILL)  # a replica actor dies: /health says so, the other replica keeps serving
+        deadline = time.monotonic() + 30
+        while requests.get(url + "/health", timeout=10).status_code != 503:
+            assert time.monotonic() < deadline, "/health did not report the dead replica"
+            time.sleep(0.5)
+        health = requests.get(url + "/health", timeout=10)
+        assert "Ray actor" in health.text, health.text
+        replies = [requests.post(url + "/generate", timeout=120, json={
+            "input_ids": prompts_ids[0], "max_tokens": 6, "temperature": 0, "ignore_eos": True}) for _ in range(3)]
+        assert [r.status_code for r in replies] == [200] * 3, [r.text for r in replies]
+        assert all(r.json()["output_ids"] == expected[0] for r in replies)
+        got = [_generate_on(url, sid) for sid in range(1, 9)]
+        bound = [r for r in got if r.status_code == 503]
+        assert bound, [(r.status_code, r.text) for r in got]
+        assert all("Ray actor" in r.text for r in bound), bound[0].text
     for first, second in turns:
         assert first["history_tokens"] == 0
         assert second["history_tokens"] == first["input_tokens"] + first["tokens"], (first, second)
