@@ -53,10 +53,12 @@ class _ReplicaActor:
         self.engine.submit(session_id, input_ids, params, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
                            sequence_start, sequence_end, step)
         try:
-            while True:
-                out = await queue.get()
-                yield out
-                if out.finish_reason is not None:
+            while True:  # one streamed object per batch of the deltas ready now (not one per token)
+                outs = [await queue.get()]
+                while not queue.empty():
+                    outs.append(queue.get_nowait())
+                yield outs
+                if outs[-1].finish_reason is not None:
                     return
         except (asyncio.CancelledError, GeneratorExit):
             self.engine.stop_session_nowait(session_id)
@@ -125,9 +127,10 @@ class RayReplica:
     async def _pump(self, gen, emit) -> None:
         try:
             async for ref in gen:
-                out = await ref
-                emit(out)
-                if out.finish_reason is not None:
+                outs = await ref
+                for out in outs:
+                    emit(out)
+                if outs[-1].finish_reason is not None:
                     return
             raise RuntimeError("the replica actor's stream ended without a finished output")
         except Exception as exc:
@@ -276,15 +279,24 @@ class RayReplicaGroup:
         """Closes and kills every replica actor, stops the pump thread, and disconnects (the cluster keeps running)."""
         for r in self.replicas:
             r.close()
-        monitor = getattr(self, "_monitor", None)
-        if monitor is not None:
-            monitor.cancel()
         if self._aio.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(_cancel_tasks(), self._aio).result(10)
+            except Exception:
+                pass
             self._aio.call_soon_threadsafe(self._aio.stop)
             self._thread.join(10)
         if self._owns_connection and self._ray.is_initialized():
             self._ray.shutdown()
             self._owns_connection = False
+
+
+async def _cancel_tasks() -> None:
+    """Cancels the pump loop's tasks (the watcher, streams still pumping) and waits for them."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _front(model_path, config, model_name=None, backend=None, backend_config=None, chat_template_config=None,
