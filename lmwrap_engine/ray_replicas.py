@@ -236,8 +236,9 @@ class RayReplicaGroup:
             # tp=1: the actor runs the model itself; tp>1: its tp rank actors hold the devices.
             own = config.tp == 1
             actor_cls = ray.remote(num_cpus=1 if own else 0, num_gpus=1 if own and gpu else 0)(_ReplicaActor)
-            env = {"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}} if os.environ.get("PYTHONPATH") else None
-            opts = {"runtime_env": env} if env else {}
+            # the front's PYTHONPATH (a source checkout) also for the actors
+            path = os.environ.get("PYTHONPATH")
+            opts = {"runtime_env": {"env_vars": {"PYTHONPATH": path}}} if path else {}
             actors = [actor_cls.options(max_concurrency=1000, **opts).remote(model_path, engine_kwargs)
                       for _ in range(dp)]
             infos = ray.get([a.info.remote() for a in actors], timeout=START_TIMEOUT_S)
