@@ -73,6 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=128)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (worker processes)")
     parser.add_argument("--dp", type=int, default=1, help="data-parallel engine replicas (each with --tp ranks)")
+    parser.add_argument("--distributed-executor", choices=["mp", "ray"], default="mp",
+                        help="ray: tp ranks and dp replicas are Ray actors on the running cluster (RAY_ADDRESS)")
     parser.add_argument("--max-prefill-token-num", type=int, default=4096)
     parser.add_argument("--session-len", type=int, default=None,
                         help="longest sequence (default: the model's max_position_embeddings)")
@@ -123,7 +125,8 @@ def _open_pipeline(args):
     cfg = EngineConfig(dtype=args.dtype, max_batch_size=args.max_batch_size,
                        max_prefill_token_num=args.max_prefill_token_num, session_len=getattr(args, "session_len", None),
                        enable_prefix_caching=getattr(args, "enable_prefix_caching", True),
-                       load_format="dummy" if shape else "auto", tp=getattr(args, "tp", 1))
+                       load_format="dummy" if shape else "auto", tp=getattr(args, "tp", 1),
+                       distributed_executor_backend=getattr(args, "distributed_executor", "mp"))
     if getattr(args, "dp", 1) > 1:
         from .replicas import ReplicaSet
         return ReplicaSet(model, dp=args.dp, backend_config=cfg)

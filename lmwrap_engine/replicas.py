@@ -30,8 +30,13 @@ class ReplicaSet:
         if not isinstance(dp, int) or dp < 1:
             raise ValueError(f"dp must be an int >= 1, got {dp!r}")
         self.replicas: List[AsyncEngine] = []
+        self._ray_group = None
         try:
-            for _ in range(dp):
+            from .ray_replicas import RayReplicaGroup, uses_ray
+            if uses_ray(engine_kwargs):  # each replica an engine in a Ray actor (see lmwrap_engine.ray_replicas)
+                self._ray_group = RayReplicaGroup(model_path, dp, engine_kwargs)
+                self.replicas = self._ray_group.replicas
+            for _ in range(dp - len(self.replicas)):
                 self.replicas.append(AsyncEngine(model_path, **engine_kwargs))
         except BaseException:
             self.close()
@@ -58,7 +63,9 @@ class ReplicaSet:
         with self._lock:
             i = self._affinity.get(session_id)
             if i is None:
-                i = min(range(len(self.replicas)), key=lambda r: (self.outstanding[r], self.sessions_routed[r]))
+                # a failed replica (dead Ray actor or tp worker) takes no new sessions while another can
+                i = min(range(len(self.replicas)), key=lambda r: (self.replicas[r].failure is not None,
+                                                                  self.outstanding[r], self.sessions_routed[r]))
                 self.sessions_routed[i] += 1
                 if len(self._affinity) >= MAX_AFFINITY:
                     self._affinity.popitem(last=False)
@@ -161,6 +168,8 @@ class ReplicaSet:
         """Closes every replica (and their tensor-parallel workers)."""
         for r in self.replicas:
             r.close()
+        if self._ray_group is not None:
+            self._ray_group.close()
 
     def __enter__(self):
         return self
