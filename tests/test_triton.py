@@ -318,6 +318,42 @@ def test_bad_input_is_a_triton_error_and_the_server_keeps_serving(server, refere
     wait_all_blocks_free(server)
 
 
+def drop_after(address, model, inputs, keep):
+    """Reads ``keep`` responses of one stream, then drops the stream (the client goes away);
+    returns the seconds one response took (the mean between the first and the last read)."""
+    answers = queue.Queue()
+    c = grpcclient.InferenceServerClient(address)
+    c.start_stream(lambda result, error: answers.put((result, error, time.monotonic())))
+    c.async_stream_infer(model, inputs)
+    stamps = []
+    try:
+        while len(stamps) < keep:
+            result, error, stamp = answers.get(timeout=120)
+            assert error is None, error
+            stamps.append(stamp)
+    finally:
+        c.stop_stream(cancel_requests=True)
+        c.close()
+    return (stamps[-1] - stamps[0]) / (keep - 1)
+
+
+def test_a_dropped_stream_stops_its_engine_request(server):
+    """Triton cancels the request of a client that drops its stream; the engine request stops (KV blocks
+    free) long before its 1500 tokens (eos banned) would have finished."""
+    max_new, keep = 1500, 6
+    ids = raw_encode(server, 'Count from one to one thousand:')
+    eos_banned = turbomind_inputs(ids, 12, max_new=max_new, bad_words_list=[[[2], [1]]])
+    text = [tensor('text_input', [b'Count from one to one thousand:']), tensor('stream', [True]),
+            tensor('sampling_parameters', [json.dumps(dict(max_tokens=max_new, ignore_eos=True)).encode()])]
+    for model, inputs in ((P.TURBOMIND, eos_banned), (P.TEXT_MODEL, text)):
+        per_token = drop_after(server, model, inputs, keep)
+        dropped = time.monotonic()
+        wait_all_blocks_free(server, timeout_s=30)
+        took = time.monotonic() - dropped
+        left = per_token * (max_new - keep)  # what finishing the request would have taken
+        assert took < min(5.0, left / 4), (model, took, left)
+
+
 def test_32_concurrent_streaming_sessions(server, reference):
     prompts, expected = reference['concurrent_prompts'], reference['concurrent']
     got = [None] * len(prompts)

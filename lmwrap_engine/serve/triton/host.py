@@ -135,10 +135,13 @@ def serve(model_path: Optional[str] = None, grpc_port: int = 33337, http_port: i
     from pytriton.triton import Triton, TritonConfig
 
     from ...async_engine import AsyncEngine
+    from . import cancellation
     from .models import TritonModels
 
     engine = AsyncEngine(model_path, backend_config=backend_config)
-    models = TritonModels(engine)
+    cancellations = cancellation.Cancellations(engine)
+    os.environ[cancellation.SOCKET_ENV] = cancellations.path  # the Python backend stubs inherit it
+    models = TritonModels(engine, cancellations)
     config = TritonConfig(http_address=address, http_port=http_port, grpc_address=address, grpc_port=grpc_port,
                           allow_metrics=bool(metrics_port), metrics_address=address if metrics_port else None,
                           metrics_port=metrics_port or None, exit_on_error=True, exit_timeout_secs=5,
@@ -162,6 +165,7 @@ def serve(model_path: Optional[str] = None, grpc_port: int = 33337, http_port: i
         pass
     finally:
         triton.stop()
+        cancellations.close()
         engine.close()
 
 
@@ -196,6 +200,9 @@ def _bind(triton, name, infer_func, inputs, outputs, decoupled: bool = False, pa
 
     triton.bind(model_name=name, infer_func=infer_func, inputs=tensors(inputs), outputs=tensors(outputs),
                 config=ModelConfig(batching=False, decoupled=decoupled), strict=True)
+    if decoupled:  # a client that drops the stream stops the engine request (cancellation.py)
+        from . import cancellation
+        cancellation.install(next(m for m in triton._model_manager.models if m.model_name == name))
     if parameters:  # pytriton has no API for config parameters: add them to the config it generates
         for model in triton._model_manager.models:
             if model.model_name == name:
