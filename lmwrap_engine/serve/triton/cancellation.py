@@ -88,11 +88,17 @@ def install(model) -> None:
     """Makes pytriton write the proxy ``model.py`` of ``model`` (a pytriton ``Model``) with the watcher appended."""
     import pathlib
     patch = pathlib.Path(__file__).with_name("proxy_cancel.py").read_text()
-    generate = model.generate_model
+    generate, files = model.generate_model, model.get_proxy_model_files
 
-    def generate_model(model_repository):
+    def generate_model(model_repository):  # a model repository on disk
         generate(model_repository)
         target = pathlib.Path(model_repository) / model.model_name / str(model.model_version) / "model.py"
         target.write_text(target.read_text() + "\n\n" + patch)
 
-    model.generate_model = generate_model
+    def get_proxy_model_files():  # the files pytriton sends with Triton's load request
+        proxy = files()
+        name = f"file:{model.model_version}/model.py"
+        proxy[name] = proxy[name] + b"\n\n" + patch.encode()
+        return proxy
+
+    model.generate_model, model.get_proxy_model_files = generate_model, get_proxy_model_files
