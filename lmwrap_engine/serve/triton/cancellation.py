@@ -52,6 +52,20 @@ class Cancellations:
             with self._lock:
                 self._sessions.pop(key, None)
 
+    def stop_all(self, timeout_s: float = 3.0) -> int:
+        """Stops every registered request (at shutdown: Triton only unloads a decoupled model once its
+        streams end) and waits up to ``timeout_s`` for their infer functions to return; returns how many
+        were running."""
+        import time
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for session_id in sessions:
+            self.engine.stop_session_nowait(session_id)
+        deadline = time.monotonic() + timeout_s
+        while self._sessions and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return len(sessions)
+
     def _run(self) -> None:
         while not self._closed:
             try:

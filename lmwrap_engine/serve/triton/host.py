@@ -146,8 +146,11 @@ def serve(model_path: Optional[str] = None, grpc_port: int = 33337, http_port: i
                           allow_metrics=bool(metrics_port), metrics_address=address if metrics_port else None,
                           metrics_port=metrics_port or None, exit_on_error=True, exit_timeout_secs=5,
                           log_verbose=1 if log_level.upper() == "DEBUG" else None)
+    # pytriton's serve() stops Triton itself on KeyboardInterrupt, so running streams end first, here:
+    # Triton only unloads a decoupled model once its streams end (else its exit timeout runs out).
+    interrupt = lambda signum, frame: _raise_interrupt(signum, frame, before=cancellations.stop_all)  # noqa: E731
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _raise_interrupt)
+        signal.signal(sig, interrupt)
     triton = Triton(config=config)  # not `with`: that starts the server, which then loads each model as bound
     try:
         _bind(triton, P.PREPROCESSING, models.preprocessing, P.PREPROCESSING_INPUTS, P.PREPROCESSING_OUTPUTS)
@@ -164,6 +167,7 @@ def serve(model_path: Optional[str] = None, grpc_port: int = 33337, http_port: i
     except KeyboardInterrupt:
         pass
     finally:
+        cancellations.stop_all()
         triton.stop()
         cancellations.close()
         engine.close()
@@ -180,10 +184,12 @@ def _check_port(address: str, port: int, flag: str) -> None:
                                      f"(is another server using it? pick another {flag})") from None
 
 
-def _raise_interrupt(signum, frame):
+def _raise_interrupt(signum, frame, before=None):
     # Once: a second signal (a terminal's SIGINT also forwarded by `launch`) must not break the shutdown.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    if before is not None:
+        before()
     raise KeyboardInterrupt
 
 
