@@ -446,7 +446,8 @@ def run_script_python():
 @pytest.mark.xfail(strict=True, reason='issue 9 defect 2, not fixed yet: after the mix, Triton still holds the '
                    'turbomind model past its 5 s exit timeout ("Exit timeout expired", a leaked shared-memory '
                    'warning; exit takes ~35 s). Running streams are stopped on SIGTERM now; a client that keeps '
-                   'its gRPC stream open also holds the model (Triton), the rest is unexplained.')
+                   'its gRPC stream open also holds the model (Triton); of the mix, STOP on a running turbomind '
+                   'stream is what leaves turbomind loaded (each other kind alone exits cleanly); cause not found.')
 def test_sigterm_after_heavy_use_exits_cleanly(server, reference):
     """Last in the module (it stops the module's server): after normal, failed, dropped, STOP-cancelled and
     8 concurrent requests (their clients closed), SIGTERM unloads every model within Triton's exit timeout
