@@ -28,15 +28,32 @@ async def _lmwrap_send_requests(self, requests_id, triton_requests, spans=None):
     return responses_future
 
 
-async def _lmwrap_watch(triton_requests, keys):
-    loop = asyncio.get_running_loop()
+class _LmwrapQueue:
+    """The responses queue, noting its last (EOS) item: past it the requests are released (never poll them)."""
+
+    def __init__(self, queue):
+        self._queue, self.done = queue, False
+
+    async def get(self):
+        item = await self._queue.get()
+        if item[0] & PyTritonResponseFlags.EOS:
+            self.done = True
+        return item
+
+    def __getattr__(self, name):
+        return getattr(self._queue, name)
+
+
+async def _lmwrap_watch(triton_requests, keys, queue):
     pending = list(zip(triton_requests, keys))
     while pending:
         await asyncio.sleep(_LMWRAP_POLL_S)
+        if queue.done:
+            return
         still = []
         for request, key in pending:
             try:
-                cancelled = await loop.run_in_executor(None, request.is_cancelled)
+                cancelled = request.is_cancelled()  # one IPC call; from this loop only (not from pool threads)
             except Exception:  # the request is gone (completed): nothing to stop
                 continue
             if cancelled:
@@ -58,7 +75,9 @@ async def _lmwrap_handle_responses(self, scope, responses_queue, responses_futur
     keys = _LMWRAP_KEYS.pop(requests_id, None)
     watcher = None
     if keys and _LMWRAP_SOCKET:
-        watcher = asyncio.ensure_future(_lmwrap_watch(list(self._requests_map[requests_id]), keys))
+        responses_queue = _LmwrapQueue(responses_queue)
+        watcher = asyncio.ensure_future(_lmwrap_watch(list(self._requests_map[requests_id]), keys,
+                                                      responses_queue))
     try:
         return await _lmwrap_handle_decoupled(self, scope, responses_queue, responses_future)
     finally:
