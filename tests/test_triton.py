@@ -43,6 +43,7 @@ def reference():
 
 
 _HTTP_PORTS = {}
+_PROCS = {}
 
 
 @pytest.fixture(scope='module')
@@ -50,6 +51,7 @@ def server(reference):
     host_python = triton_host_python()
     with running_triton(host_python, '--session-len', str(SESSION_LEN)) as (address, proc):
         _HTTP_PORTS[address] = proc.http_port
+        _PROCS[address] = proc
         yield address
 
 
@@ -325,6 +327,42 @@ def test_bad_input_is_a_triton_error_and_the_server_keeps_serving(server, refere
     wait_all_blocks_free(server)
 
 
+def drop_after(address, model, inputs, keep):
+    """Reads ``keep`` responses of one stream, then drops the stream (the client goes away);
+    returns the seconds one response took (the mean between the first and the last read)."""
+    answers = queue.Queue()
+    c = grpcclient.InferenceServerClient(address)
+    c.start_stream(lambda result, error: answers.put((result, error, time.monotonic())))
+    c.async_stream_infer(model, inputs)
+    stamps = []
+    try:
+        while len(stamps) < keep:
+            result, error, stamp = answers.get(timeout=120)
+            assert error is None, error
+            stamps.append(stamp)
+    finally:
+        c.stop_stream(cancel_requests=True)
+        c.close()
+    return (stamps[-1] - stamps[0]) / (keep - 1)
+
+
+def test_a_dropped_stream_stops_its_engine_request(server):
+    """Triton cancels the request of a client that drops its stream; the engine request stops (KV blocks
+    free) long before its 1500 tokens (eos banned) would have finished."""
+    max_new, keep = 1500, 6
+    ids = raw_encode(server, 'Count from one to one thousand:')
+    eos_banned = turbomind_inputs(ids, 12, max_new=max_new, bad_words_list=[[[2], [1]]])
+    text = [tensor('text_input', [b'Count from one to one thousand:']), tensor('stream', [True]),
+            tensor('sampling_parameters', [json.dumps(dict(max_tokens=max_new, ignore_eos=True)).encode()])]
+    for model, inputs in ((P.TURBOMIND, eos_banned), (P.TEXT_MODEL, text)):
+        per_token = drop_after(server, model, inputs, keep)
+        dropped = time.monotonic()
+        wait_all_blocks_free(server, timeout_s=30)
+        took = time.monotonic() - dropped
+        left = per_token * (max_new - keep)  # what finishing the request would have taken
+        assert took < min(5.0, left / 4), (model, took, left)
+
+
 def test_32_concurrent_streaming_sessions(server, reference):
     prompts, expected = reference['concurrent_prompts'], reference['concurrent']
     got = [None] * len(prompts)
@@ -410,3 +448,42 @@ def run_script_python():
                          text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-4000:]
     return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.xfail(strict=True, reason='issue 9 defect 2, not fixed yet: after the mix, Triton still holds the '
+                   'turbomind model past its 5 s exit timeout ("Exit timeout expired", a leaked shared-memory '
+                   'warning; exit takes ~35 s). Running streams are stopped on SIGTERM now; a client that keeps '
+                   'its gRPC stream open also holds the model (Triton); of the mix, STOP on a running turbomind '
+                   'stream is what leaves turbomind loaded (each other kind alone exits cleanly); cause not found.')
+def test_sigterm_after_heavy_use_exits_cleanly(server, reference):
+    """Last in the module (it stops the module's server): after normal, failed, dropped, STOP-cancelled and
+    8 concurrent requests (their clients closed), SIGTERM unloads every model within Triton's exit timeout
+    and exits 0. (A client that keeps a gRPC stream open holds its model past the timeout: Triton's own.)"""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+    assert client(server).chat(DIALOG) == reference['chat']
+    with pytest.raises(InferenceServerException, match='no history'):
+        raw_stream(server, P.TURBOMIND, turbomind_inputs(raw_encode(server, 'hi'), 31, start=0))
+    drop_after(server, P.TEXT_MODEL, [tensor('text_input', [b'Tell a story:']), tensor('stream', [True]),
+                                      tensor('sampling_parameters', [b'{"max_tokens": 500, "ignore_eos": true}'])], 3)
+    llm = client(server, max_new_tokens=400, stop_words=None)
+    worker = threading.Thread(target=lambda: list(llm.stream_generate('A long story:', session_id=32,
+                                                                      ignore_eos=True)))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not engine_stats(server)['num_running'] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client(server).stop_session(32)
+    worker.join(60)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda p: client(server, max_new_tokens=8, stop_words=None).generate(p),
+                                reference['concurrent_prompts'][:8]))
+    assert answers == reference['concurrent'][:8]
+    proc = _PROCS[server]
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(30)
+    took = time.monotonic() - started
+    log = proc.log()
+    assert rc == 0 and 'Non-graceful' not in log and 'leaked' not in log, log[-4000:]
+    assert took < 10, (took, log[-4000:])

@@ -135,16 +135,22 @@ def serve(model_path: Optional[str] = None, grpc_port: int = 33337, http_port: i
     from pytriton.triton import Triton, TritonConfig
 
     from ...async_engine import AsyncEngine
+    from . import cancellation
     from .models import TritonModels
 
     engine = AsyncEngine(model_path, backend_config=backend_config)
-    models = TritonModels(engine)
+    cancellations = cancellation.Cancellations(engine)
+    os.environ[cancellation.SOCKET_ENV] = cancellations.path  # the Python backend stubs inherit it
+    models = TritonModels(engine, cancellations)
     config = TritonConfig(http_address=address, http_port=http_port, grpc_address=address, grpc_port=grpc_port,
                           allow_metrics=bool(metrics_port), metrics_address=address if metrics_port else None,
                           metrics_port=metrics_port or None, exit_on_error=True, exit_timeout_secs=5,
                           log_verbose=1 if log_level.upper() == "DEBUG" else None)
+    # pytriton's serve() stops Triton itself on KeyboardInterrupt, so running streams end first, here:
+    # Triton only unloads a decoupled model once its streams end (else its exit timeout runs out).
+    interrupt = lambda signum, frame: _raise_interrupt(signum, frame, before=cancellations.stop_all)  # noqa: E731
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _raise_interrupt)
+        signal.signal(sig, interrupt)
     triton = Triton(config=config)  # not `with`: that starts the server, which then loads each model as bound
     try:
         _bind(triton, P.PREPROCESSING, models.preprocessing, P.PREPROCESSING_INPUTS, P.PREPROCESSING_OUTPUTS)
@@ -161,7 +167,9 @@ def serve(model_path: Optional[str] = None, grpc_port: int = 33337, http_port: i
     except KeyboardInterrupt:
         pass
     finally:
+        cancellations.stop_all()
         triton.stop()
+        cancellations.close()
         engine.close()
 
 
@@ -176,10 +184,12 @@ def _check_port(address: str, port: int, flag: str) -> None:
                                      f"(is another server using it? pick another {flag})") from None
 
 
-def _raise_interrupt(signum, frame):
+def _raise_interrupt(signum, frame, before=None):
     # Once: a second signal (a terminal's SIGINT also forwarded by `launch`) must not break the shutdown.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    if before is not None:
+        before()
     raise KeyboardInterrupt
 
 
@@ -196,6 +206,9 @@ def _bind(triton, name, infer_func, inputs, outputs, decoupled: bool = False, pa
 
     triton.bind(model_name=name, infer_func=infer_func, inputs=tensors(inputs), outputs=tensors(outputs),
                 config=ModelConfig(batching=False, decoupled=decoupled), strict=True)
+    if decoupled:  # a client that drops the stream stops the engine request (cancellation.py)
+        from . import cancellation
+        cancellation.install(next(m for m in triton._model_manager.models if m.model_name == name))
     if parameters:  # pytriton has no API for config parameters: add them to the config it generates
         for model in triton._model_manager.models:
             if model.model_name == name:

@@ -23,8 +23,9 @@ _MAX_HISTORIES = 256  # past this many kept sessions, forget those the engine ha
 class TritonModels:
     """lmdeploy's ``preprocessing`` / ``turbomind`` / ``postprocessing`` and the text model, on ``engine``."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, cancellations=None):
         self.engine = engine
+        self.cancellations = cancellations  # a ``cancellation.Cancellations``: stops dropped streams
         self.tokenizer = engine.tokenizer
         self.eos_id = engine.eos_token_ids[0] if engine.eos_token_ids else self.tokenizer.eos_token_id
         self.bos_id = self._bos_id()
@@ -133,25 +134,36 @@ class TritonModels:
             raise ValueError(f"{prompt_tokens} tokens (history {step} + input {len(input_ids)}) reach the "
                              f"server's session_len {self.engine.session_len}")
         generated: List[int] = []
-        async for out in self.engine.generate(None, session_id, gen_config, sequence_start=start,
-                                              sequence_end=end, step=step, input_ids=input_ids,
-                                              do_preprocess=False):
-            if out.finish_reason == "error":
-                raise ValueError(out.response or "the engine failed the request")
-            if out.finish_reason == "length" and not generated and not out.token_ids and output_len \
-                    and out.generate_token_len == 0:
-                raise ValueError(f"{prompt_tokens} tokens leave no room to generate in session_len")
-            generated += out.token_ids
-            if out.token_ids or out.finish_reason:
-                ids = history + input_ids + generated
-                yield [{"output_ids": np.array(ids, dtype=np.uint32).reshape(1, 1, -1),
-                        "sequence_length": np.array([[len(ids)]], dtype=np.uint32)}]
+        key = self._register(requests[0], session_id)
+        try:
+            async for out in self.engine.generate(None, session_id, gen_config, sequence_start=start,
+                                                  sequence_end=end, step=step, input_ids=input_ids,
+                                                  do_preprocess=False):
+                if out.finish_reason == "error":
+                    raise ValueError(out.response or "the engine failed the request")
+                if out.finish_reason == "length" and not generated and not out.token_ids and output_len \
+                        and out.generate_token_len == 0:
+                    raise ValueError(f"{prompt_tokens} tokens leave no room to generate in session_len")
+                generated += out.token_ids
+                if out.token_ids or out.finish_reason:
+                    ids = history + input_ids + generated
+                    yield [{"output_ids": np.array(ids, dtype=np.uint32).reshape(1, 1, -1),
+                            "sequence_length": np.array([[len(ids)]], dtype=np.uint32)}]
+        finally:
+            self._unregister(key)
         if end:
             self._histories.pop(session_id, None)
         else:
             self._histories[session_id] = history + input_ids + generated
             if len(self._histories) > _MAX_HISTORIES:
                 await self._forget_ended_sessions()
+
+    def _register(self, request, session_id: int):
+        return self.cancellations.register(request, session_id) if self.cancellations else None
+
+    def _unregister(self, key) -> None:
+        if self.cancellations:
+            self.cancellations.unregister(key)
 
     async def _forget_ended_sessions(self) -> None:
         """Drops the ids of sessions the engine no longer holds (ended by its session cap or idle timeout)."""
@@ -187,18 +199,24 @@ class TritonModels:
         gen_config = text_generation_config(_text(np.asarray(raw).reshape(-1)[0]) if raw is not None else "")
         prefix = "" if exclude_input else prompt
         whole = ""
-        async for out in self.engine.generate(prompt, None, gen_config, do_preprocess=False):
-            if out.finish_reason == "error":
-                raise ValueError(out.response or "the engine failed the request")
-            if out.finish_reason == "length" and out.generate_token_len == 0 and gen_config.max_new_tokens:
-                raise ValueError(f"the prompt ({out.input_token_len} tokens) leaves no room to generate "
-                                 f"in session_len {self.engine.session_len}")
-            if stream:  # one response per engine step, as vLLM's backend (a token may add no text yet)
-                if out.response or out.token_ids or prefix:
-                    yield [{"text_output": np.array([(prefix + out.response).encode("utf-8")], dtype=np.bytes_)}]
-                    prefix = ""
-            else:
-                whole += out.response
+        session_id = self.engine.new_session_id()
+        key = self._register(requests[0], session_id)
+        try:
+            async for out in self.engine.generate(prompt, session_id, gen_config, do_preprocess=False):
+                if out.finish_reason == "error":
+                    raise ValueError(out.response or "the engine failed the request")
+                if out.finish_reason == "length" and out.generate_token_len == 0 and gen_config.max_new_tokens:
+                    raise ValueError(f"the prompt ({out.input_token_len} tokens) leaves no room to generate "
+                                     f"in session_len {self.engine.session_len}")
+                if stream:  # one response per engine step, as vLLM's backend (a token may add no text yet)
+                    if out.response or out.token_ids or prefix:
+                        yield [{"text_output": np.array([(prefix + out.response).encode("utf-8")],
+                                                        dtype=np.bytes_)}]
+                        prefix = ""
+                else:
+                    whole += out.response
+        finally:
+            self._unregister(key)
         if not stream:
             yield [{"text_output": np.array([(prefix + whole).encode("utf-8")], dtype=np.bytes_)}]
 
