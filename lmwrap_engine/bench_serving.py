@@ -157,6 +157,28 @@ class RequestResult:
     start: float = 0.0         # send time, seconds since the run began
 
 
+class TokenClock:
+    """Times one streamed request: ``tick`` at each token event, then ``into`` writes its TTFT, the gaps
+    between events and its latency (to the last token event, as vLLM) into a ``RequestResult``."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.events = 0
+        self.ttft = 0.0
+        self.gaps: List[float] = []
+
+    def tick(self, now: float) -> None:
+        if self.events == 0:
+            self.ttft = now - self.start
+        else:
+            self.gaps.append(now - self.last)
+        self.events += 1
+        self.last = now
+
+    def into(self, result: "RequestResult") -> None:
+        result.ttft, result.itl, result.latency = self.ttft, self.gaps, self.last - self.start
+
+
 def compute_metrics(results: Sequence[RequestResult], duration: float) -> dict:
     """vLLM's serving metrics over the successful requests; times in ms."""
     ok = [r for r in results if r.success]
@@ -405,29 +427,24 @@ async def send_openai(client, url: str, endpoint: str, model: str, prompt: str, 
     """One streaming request; a token event is every SSE chunk that carries a choice."""
     result = RequestResult()
     body = _request_body(endpoint, model, prompt, output_len)
-    events, finish = 0, None
-    last = start = time.perf_counter()
+    finish = None
+    clock = TokenClock()
     try:
         async for now, data in sse_payloads(client, url, body):
             if data.get("choices"):
-                if events == 0:
-                    result.ttft = now - start
-                else:
-                    result.itl.append(now - last)
-                events += 1
-                last = now
+                clock.tick(now)
                 finish = data["choices"][0].get("finish_reason") or finish
             usage = data.get("usage")
             if usage:
                 result.input_tokens = usage.get("prompt_tokens") or 0
                 result.output_tokens = usage.get("completion_tokens") or 0
-        result.latency = last - start  # to the last token, as vLLM: not the usage chunk or [DONE]
+        clock.into(result)  # to the last token, as vLLM: not the usage chunk or [DONE]
         if finish in ("error", "abort"):
             result.error = f"finish_reason {finish!r}"
-        elif events == 0:
+        elif clock.events == 0:
             result.error = "the stream carried no tokens"
         else:
-            result.output_tokens = result.output_tokens or events  # a server without usage: one token per event
+            result.output_tokens = result.output_tokens or clock.events  # a server without usage: one token per event
             result.success = True
     except RuntimeError as exc:  # the server's own error: counted, not fatal
         result.error = str(exc)
@@ -442,23 +459,16 @@ async def send_engine(engine, session_ids, endpoint: str, prompt: str, output_le
     result = RequestResult()
     gen = GenerationConfig(max_new_tokens=output_len, ignore_eos=True, do_sample=False)
     messages = [{"role": "user", "content": prompt}] if endpoint == "chat" else prompt
-    events = 0
-    last = start = time.perf_counter()
+    clock = TokenClock()
     try:
         async for out in engine.generate(messages, next(session_ids), gen_config=gen,
                                          do_preprocess=endpoint == "chat"):
-            now = time.perf_counter()
-            if events == 0:
-                result.ttft = now - start
-            else:
-                result.itl.append(now - last)
-            events += 1
-            last = now
+            clock.tick(time.perf_counter())
             if out.finish_reason:
                 result.input_tokens, result.output_tokens = out.input_token_len, out.generate_token_len
                 if out.finish_reason in ("error", "abort"):
                     result.error = f"finish_reason {out.finish_reason!r}: {out.response}"
-        result.latency = last - start
+        clock.into(result)
         result.success = not result.error
     except Exception as exc:
         result.error = f"{type(exc).__name__}: {exc}"

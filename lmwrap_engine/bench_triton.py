@@ -14,7 +14,7 @@ import tempfile
 import time
 from typing import List, Optional, Sequence
 
-from .bench_serving import RequestResult, _free_port, _run_rates
+from .bench_serving import RequestResult, TokenClock, _free_port, _run_rates
 from .serve.triton import protocol as P
 
 
@@ -35,8 +35,7 @@ async def send_triton(client, model: str, prompt: str, output_len: int, timeout:
     """One streamed request on the aio gRPC client; a token event is every response with outputs."""
     import tritonclient.grpc.aio as grpcclient
     result = RequestResult()
-    events = 0
-    last = start = time.perf_counter()
+    clock = TokenClock()
 
     async def requests():
         yield dict(model_name=model, inputs=send_request_inputs(grpcclient, prompt, output_len),
@@ -48,20 +47,15 @@ async def send_triton(client, model: str, prompt: str, output_len: int, timeout:
             if error is not None:
                 raise RuntimeError(str(error))
             if response.get_response().outputs:
-                if events == 0:
-                    result.ttft = now - start
-                else:
-                    result.itl.append(now - last)
-                events += 1
-                last = now
+                clock.tick(now)
             final = response.get_response().parameters.get("triton_final_response")
             if final is not None and final.bool_param:
                 break
-        result.latency = last - start
-        if events == 0:
+        clock.into(result)
+        if clock.events == 0:
             result.error = "the stream carried no tokens"
         else:
-            result.output_tokens = events
+            result.output_tokens = clock.events
             result.success = True
     except Exception as exc:  # a failed request is counted, not fatal
         result.error = f"{type(exc).__name__}: {exc}"
