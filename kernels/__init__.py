@@ -4,6 +4,8 @@ Every public function here has the signature of its counterpart in ``kernels/ref
 ``LMWRAP_FORCE_TRITON=1`` sends CPU tensors to the Triton kernels too (with ``TRITON_INTERPRET=1``,
 which must be set before the first kernel module is imported); the kernel tests use it.
 Triton is imported only when a kernel is first used, so this package imports without it.
+CPU decode attention (bf16/fp32 KV) goes to the inductor-compiled in-place kernel of
+``cpu_compiled.py`` (``LMWRAP_CPU_ATTENTION=reference`` forces the torch reference).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import reference
+from . import cpu_compiled, reference
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -74,6 +76,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if _use_triton(q):
         return _kernel("paged_decode", "paged_decode_attention")(
             q, k_cache, v_cache, block_tables, kv_lens, scale, k_scales_zeros, v_scales_zeros)
+    if k_scales_zeros is None and cpu_compiled.enabled():
+        return cpu_compiled.paged_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, scale)
     return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, scale,
                                             k_scales_zeros, v_scales_zeros)
 

@@ -1,8 +1,8 @@
 """Paged attention for the CPU that reads the KV cache in place (no per-sequence gather copies).
 
 Written in plain torch so that inductor (``torch.compile``) fuses the indirect cache loads into the
-attention's reductions; the functions here must stay traceable: no host syncs, no data-dependent
-shapes. ``kernels/reference.py`` stays the correctness reference.
+attention's reductions; the functions here stay traceable: no host syncs, no data-dependent shapes.
+Shapes and conventions are those of ``kernels/reference.py``, which stays the correctness reference.
 """
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import torch
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, kv_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query per sequence: ``q [B, H, D]`` attends its ``kv_lens[b]`` cached keys -> ``[B, H, D]``.
+    """One query per row: ``q [B, H, D]`` attends its ``kv_lens[b]`` cached keys -> ``[B, H, D]``.
 
     Every row spans the table's full width (``block_tables [B, W]``); positions at or past a row's
-    length are masked, and their slots are redirected to slot 0 (a row's stale table entries may hold anything).
+    length are masked and read slot 0 instead (stale table entries may hold anything, unused cache
+    slots even NaN). A row with no keys gets zeros, as in the reference.
     """
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -24,10 +25,31 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     slots = torch.where(valid, block_tables.long()[:, pos // block_size] * block_size + pos % block_size, 0)
     k = k_cache.view(-1, num_kv_heads, head_dim)[slots]                               # [B, L, Hk, D]
     v = v_cache.view(-1, num_kv_heads, head_dim)[slots]
+    # Multiply-sum rather than matmul: inductor then fuses the indirect loads into the reductions
+    # instead of materialising the gathered K/V for an external bmm (measured ~2-3x slower).
     qg = q.view(batch, num_kv_heads, group, 1, head_dim).float()
     scores = (qg * k.permute(0, 2, 1, 3).unsqueeze(2).float()).sum(-1) * scale       # [B, Hk, G, L]
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, -1)
-    v = torch.where(valid[:, :, None, None], v.float(), 0.0)  # padding may hold NaN: 0 * NaN is NaN
+    v = torch.where(valid[:, :, None, None], v.float(), 0.0)  # slot 0 may hold NaN: 0 * NaN is NaN
     out = (probs.unsqueeze(-1) * v.permute(0, 2, 1, 3).unsqueeze(2)).sum(-2)          # [B, Hk, G, D]
+    out = torch.where(kv_lens[:, None, None, None] > 0, out, 0.0)  # all-masked softmax is NaN
     return out.reshape(batch, num_heads, head_dim).to(q.dtype)
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """Variable-length causal attention over paged KV; ``q [T, H, D]`` -> ``[T, H, D]``.
+
+    Each query token becomes one decode row: its sequence's block table and, as its length, its
+    position + 1 (earlier chunks and prefix tokens are already in the cache). Rows past
+    ``cu_seqlens_q[-1]`` get zeros.
+    """
+    tokens = torch.arange(q.shape[0], device=q.device)
+    ends = cu_seqlens_q[1:].long()
+    seq = torch.searchsorted(ends, tokens, right=True).clamp_max(ends.shape[0] - 1)
+    q_lens = ends - cu_seqlens_q[:-1].long()
+    lens = kv_lens.long()[seq] - (ends[seq] - tokens) + 1
+    lens = torch.where(tokens < ends[-1], lens, 0)
+    return paged_decode_attention(q, k_cache, v_cache, block_tables[seq], lens, scale)
