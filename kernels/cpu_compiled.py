@@ -60,6 +60,7 @@ def _row_groups(block_tables: torch.Tensor, kv_lens: torch.Tensor, block_size: i
 
 
 def _call_compiled(q, k_cache, v_cache, block_tables, kv_lens, scale):
+    q = q.contiguous()  # strides are guarded: one graph whether q is a view of a fused qkv or not
     mark = torch._dynamo.decorators.mark_unbacked  # no 0/1 specialisation: batch 1 shares the graph
     for t, dim in ((q, 0), (block_tables, 0), (block_tables, 1), (kv_lens, 0)):
         mark(t, dim)

@@ -12,19 +12,19 @@ HEADS, KV_HEADS, DIM, BLOCK = 8, 2, 32, 16
 LENS = [0, 1, 15, 16, 17, 32, 45, 3]
 
 
-def _paged_case(lens, dtype, seed=0, q_tokens=None):
+def _paged_case(lens, dtype, seed=0, q_tokens=None, block=BLOCK):
     """A NaN-filled cache holding random K/V for each row's ``lens``, tables whose unused entries are stale."""
     gen = torch.Generator().manual_seed(seed)
     batch = len(lens)
-    width = max(1, (max(lens) + BLOCK - 1) // BLOCK) + 1  # one spare column: always stale
+    width = max(1, (max(lens) + block - 1) // block) + 1  # one spare column: always stale
     num_blocks = batch * width + 2
-    k_cache = torch.full((num_blocks, BLOCK, KV_HEADS, DIM), float("nan"), dtype=dtype)
+    k_cache = torch.full((num_blocks, block, KV_HEADS, DIM), float("nan"), dtype=dtype)
     v_cache = torch.full_like(k_cache, float("nan"))
     tables = torch.randperm(num_blocks - 2, generator=gen)[: batch * width].view(batch, width) + 2
     for b, n in enumerate(lens):
-        used = (n + BLOCK - 1) // BLOCK
+        used = (n + block - 1) // block
         tables[b, used:] = torch.randint(-5, 10**6, (width - used,), generator=gen)  # stale: anything
-        slots = (tables[b, :used].repeat_interleave(BLOCK) * BLOCK + torch.arange(BLOCK).repeat(used))[:n]
+        slots = (tables[b, :used].repeat_interleave(block) * block + torch.arange(block).repeat(used))[:n]
         reference.fill_kv_cache(torch.randn(n, KV_HEADS, DIM, generator=gen).to(dtype),
                                 torch.randn(n, KV_HEADS, DIM, generator=gen).to(dtype), k_cache, v_cache, slots)
     q = torch.randn(q_tokens or batch, HEADS, DIM, generator=gen).to(dtype)
@@ -34,10 +34,11 @@ def _paged_case(lens, dtype, seed=0, q_tokens=None):
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("lens", [LENS, [37]], ids=["ragged", "one-row"])
-def test_compiled_decode_matches_reference(dtype, lens):
-    q, k_cache, v_cache, tables, kv_lens = _paged_case(lens, dtype)
+@pytest.mark.parametrize("dtype,lens,block", [
+    (torch.float32, LENS, 16), (torch.bfloat16, LENS, 16), (torch.float32, [37], 16), (torch.bfloat16, [37], 16),
+    (torch.float32, LENS + [64, 65, 130], 64)], ids=["fp32", "bf16", "fp32-one-row", "bf16-one-row", "fp32-block64"])
+def test_compiled_decode_matches_reference(dtype, lens, block):
+    q, k_cache, v_cache, tables, kv_lens = _paged_case(lens, dtype, block=block)
     expected = reference.paged_decode_attention(q, k_cache, v_cache, tables, kv_lens, 0.2)
     got = cpu_compiled.paged_decode_attention(q, k_cache, v_cache, tables, kv_lens, 0.2)
     assert cpu_compiled.enabled(), "compilation failed: the test compared the reference with itself"
