@@ -39,9 +39,13 @@ def cpu_compile_wanted(config: EngineConfig) -> bool:
 
 
 def inductor_cache_dir() -> str:
-    """Where compiled programs are kept: ``TORCHINDUCTOR_CACHE_DIR`` if set, else under lmwrap's cache."""
+    """Where compiled programs are kept: ``TORCHINDUCTOR_CACHE_DIR`` if the user set it, else under lmwrap's cache."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return chosen  # (inductor writes its default back into the variable once it has used it)
     root = os.environ.get("LMWRAP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmwrap")
-    return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(root, "inductor")
+    return os.path.join(root, "inductor")
 
 
 class CompiledDecode(DecodeGraphs):
@@ -56,7 +60,7 @@ class CompiledDecode(DecodeGraphs):
         self.computes_logits = True
         self.failed = False
         self._compiled_kinds = set()
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", inductor_cache_dir())
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()
         self._compiled = torch.compile(self._logits, fullgraph=True, dynamic=False)
 
     def _logits(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -106,4 +110,8 @@ class CompiledDecode(DecodeGraphs):
     def warm_up(self) -> None:
         """Compile (or load from the disk cache) the batch-1 program. Writes one token of KV into slot 0,
         which no sequence holds yet at load time."""
-        self.run(input_ids=[0], positions=[0], slots=[0], kv_lens=[1], block_tables=[[0]])
+        step = dict(input_ids=[0], positions=[0], slots=[0], kv_lens=[1], block_tables=[[0]])
+        failed, self.failed = self.failed, True
+        self.run(**step)  # eagerly first: builds lazy tables (rotary cos/sin) that the trace must not see empty
+        self.failed = failed
+        self.run(**step)
