@@ -147,7 +147,7 @@ def test_a_failed_compile_warns_once_and_decodes_eagerly(tiny_model_dir, monkeyp
             raise RuntimeError("InductorError: no C++ compiler found")
         return broken
 
-    monkeypatch.setattr(cpu_graphs.torch, "compile", no_compiler)
+    monkeypatch.setattr(cpu_graphs, "compiled_decode_logits", lambda: no_compiler(cpu_graphs._decode_logits))
     path = tiny_model_dir("llama")
     ref = load_reference(path)
     with caplog.at_level(logging.WARNING, logger="lmwrap_engine"):

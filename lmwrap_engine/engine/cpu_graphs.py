@@ -48,6 +48,22 @@ def inductor_cache_dir() -> str:
     return os.path.join(root, "inductor")
 
 
+def _decode_logits(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return model.compute_logits(model(input_ids, positions))
+
+
+_compiled_decode_logits = None
+
+
+def compiled_decode_logits():
+    """``_decode_logits`` under ``torch.compile``, one per process: engines of the same architecture and
+    shapes share its programs (the model is an argument, its parameters graph inputs)."""
+    global _compiled_decode_logits
+    if _compiled_decode_logits is None:
+        _compiled_decode_logits = torch.compile(_decode_logits, fullgraph=True, dynamic=False)
+    return _compiled_decode_logits
+
+
 class CompiledDecode(DecodeGraphs):
     """Decode-only batches through fixed buffers (no padding: shapes are dynamic), run by a compiled
     forward that returns fp32 logits. After a failed compile it runs eagerly for good."""
@@ -61,10 +77,7 @@ class CompiledDecode(DecodeGraphs):
         self.failed = False
         self._compiled_kinds = set()
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()
-        self._compiled = torch.compile(self._logits, fullgraph=True, dynamic=False)
-
-    def _logits(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model.compute_logits(self.model(input_ids, positions))
+        self._compiled = compiled_decode_logits()
 
     def _traced_context(self, bs: int, width: int) -> ForwardContext:
         ctx = self._context(bs)
@@ -89,21 +102,19 @@ class CompiledDecode(DecodeGraphs):
             torch._dynamo.mark_dynamic(pos, 0)
         ctx = self._traced_context(bs, max(self.width, MIN_WIDTH))
         kind = self._kind(bs)
-        if kind in self._compiled_kinds:
-            with self.step_context.use(ctx):
-                return self._compiled(ids, pos)
         start = time.perf_counter()
-        try:
+        try:  # any call may compile: a new kind of batch, or a guard that failed
             with self.step_context.use(ctx):
-                logits = self._compiled(ids, pos)
+                logits = self._compiled(self.model, ids, pos)
         except Exception as exc:  # no compiler, an inductor error: decode eagerly from now on
             logger.warning("compiling the CPU decode step failed (%s: %s); decoding eagerly",
                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             self.failed = True
             return self._forward(bs)
-        self._compiled_kinds.add(kind)
-        logger.info("compiled the CPU decode step for batch %s in %.1f s (cache: %s)", kind,
-                    time.perf_counter() - start, os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        if kind not in self._compiled_kinds:
+            self._compiled_kinds.add(kind)
+            logger.info("compiled the CPU decode step for batch %s in %.1f s (cache: %s)", kind,
+                        time.perf_counter() - start, os.environ["TORCHINDUCTOR_CACHE_DIR"])
         return logits
 
     @torch.inference_mode()
