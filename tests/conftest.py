@@ -6,6 +6,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# CPU engines decode eagerly in the suite (compiling every test's engine would cost seconds each);
+# tests/test_cpu_compiled_decode.py turns the compiled decode step on where it tests it.
+os.environ.setdefault("LMWRAP_CPU_COMPILE", "0")
 
 from tiny_models import build_tiny_model, tiny_config  # noqa: E402
 

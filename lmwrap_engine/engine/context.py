@@ -20,6 +20,9 @@ class ForwardContext:
     prefill_block_tables: torch.Tensor  # [B_prefill, max_blocks]
     prefill_cu_seqlens_q: torch.Tensor  # [B_prefill + 1] offsets of each chunk within the prefill rows
     prefill_kv_lens: torch.Tensor       # [B_prefill]
+    # A decode-only step traced by torch.compile (cpu_graphs.py): attention takes the traceable
+    # sync-free kernels, which read the cache in place over the block table's full width.
+    traceable: bool = False
 
 
 class StepContext:

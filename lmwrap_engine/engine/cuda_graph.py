@@ -31,12 +31,16 @@ def graph_batch_sizes(max_batch_size: int) -> List[int]:
 class DecodeGraphs:
     """Runs decode-only batches of up to ``max_batch_size`` sequences through fixed input buffers.
 
+    ``run`` returns hidden states, or logits where ``computes_logits`` (a subclass that puts the LM head
+    in its graph, ``cpu_graphs.py``).
+
     With ``capture=False`` (CPU, tests) the same buffers and padding are used but the model runs
     eagerly, so the padding logic is checked without a GPU.
     """
 
     def __init__(self, model: torch.nn.Module, step_context: StepContext, max_batch_size: int, max_blocks_per_seq: int, hidden_size: int,
                  dtype: torch.dtype, device: torch.device, capture: bool = True):
+        self.computes_logits = False
         self.model = model
         self.step_context = step_context
         self.batch_sizes = graph_batch_sizes(max_batch_size)
@@ -58,6 +62,7 @@ class DecodeGraphs:
         self.host_tables = torch.zeros(max_batch_size * max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
         self.graphs: dict = {}
         self.num_runs = 0
+        self.width = max_blocks_per_seq  # the widest block table of the current step
         if capture:
             self._capture_all()
 
@@ -68,9 +73,10 @@ class DecodeGraphs:
                               prefill_block_tables=empty, prefill_cu_seqlens_q=self.kv_lens[:1],
                               prefill_kv_lens=self.kv_lens[:0])
 
-    def _forward(self, bs: int) -> None:
+    def _forward(self, bs: int) -> torch.Tensor:
         with self.step_context.use(self._context(bs)):
             self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+        return self.hidden
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -92,7 +98,7 @@ class DecodeGraphs:
     @torch.inference_mode()
     def run(self, input_ids: List[int], positions: List[int], slots: List[int], kv_lens: List[int],
             block_tables: List[List[int]]) -> torch.Tensor:
-        """One decode token per sequence (``n <= max_batch_size``) -> hidden states ``[n, hidden]``."""
+        """One decode token per sequence (``n <= max_batch_size``) -> hidden states ``[n, hidden]`` (or logits)."""
         n = len(input_ids)
         bs = next(b for b in self.batch_sizes if b >= n)
         rows, lens = self.host_rows.numpy(), self.host_kv_lens.numpy()
@@ -100,6 +106,7 @@ class DecodeGraphs:
         rows[2, n:bs] = -1  # padding rows write nowhere ...
         lens[n:bs] = 0      # ... and read nothing
         width = max(len(t) for t in block_tables)
+        self.width = width
         tables = self.host_tables[:n * width].view(n, width)
         table_view = tables.numpy()
         for i, table in enumerate(block_tables):
@@ -113,6 +120,5 @@ class DecodeGraphs:
         self.num_runs += 1
         if self.capture:
             self.graphs[bs].replay()
-        else:
-            self._forward(bs)
-        return self.hidden[:n]
+            return self.hidden[:n]
+        return self._forward(bs)[:n]

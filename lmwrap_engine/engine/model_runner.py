@@ -15,6 +15,7 @@ from ..models.layers.attention import PagedAttention
 from ..models.layers.quant_linear import convert_int4_linears, int4_pays_off
 from ..models.registry import build_model
 from .context import ForwardContext, StepContext
+from .cpu_graphs import CompiledDecode, cpu_compile_wanted
 from .cuda_graph import DecodeGraphs
 from .scheduler import ScheduledBatch
 
@@ -85,6 +86,8 @@ class ModelRunner:
         self.decode_graphs = None
         if self.device.type == "cuda" and not config.eager_mode:
             self.decode_graphs = self.make_decode_graphs(capture=True)
+        elif self.device.type == "cpu" and cpu_compile_wanted(config):
+            self.decode_graphs = self.make_compiled_decode()
 
     def make_decode_graphs(self, capture: bool) -> DecodeGraphs:
         """Decode through fixed buffers: captured as CUDA graphs, or run eagerly (``capture=False``)."""
@@ -92,6 +95,15 @@ class ModelRunner:
         max_blocks = -(-min(self.session_len, MAX_GRAPH_CONTEXT) // self.block_size)
         return DecodeGraphs(self.model, self.step_context, max_batch, max_blocks, self.args.hidden_size,
                             self.dtype, self.device, capture=capture)
+
+    def make_compiled_decode(self) -> CompiledDecode:
+        """Decode through an inductor-compiled forward (CPU), its batch-1 program compiled or loaded now."""
+        max_batch = min(self.config.max_batch_size, MAX_GRAPH_BATCH_SIZE)
+        max_blocks = -(-min(self.session_len, MAX_GRAPH_CONTEXT) // self.block_size)
+        graphs = CompiledDecode(self.model, self.step_context, max_batch, max_blocks, self.args.hidden_size,
+                                self.dtype, self.device)
+        graphs.warm_up()
+        return graphs
 
     def _load_model(self, model_dir: str) -> torch.nn.Module:
         # A float32 checkpoint headed for CPU bf16 (a converted GGUF) loads in fp32 first, so that
@@ -200,7 +212,8 @@ class ModelRunner:
         if batch.copies:
             self.copy_blocks(batch.copies)
         if self._fits_decode_graphs(batch):
-            return self.model.compute_logits(self._run_decode_graphs(batch))
+            out = self._run_decode_graphs(batch)
+            return out if self.decode_graphs.computes_logits else self.model.compute_logits(out)
         input_ids, positions, ctx, logits_indices = self._prepare(batch)
         if any(s.mm_items for s in batch.seqs):  # images: their embeddings where they sit
             from ..vl.inputs import multimodal_inputs

@@ -1,0 +1,30 @@
+"""A KV-cache write that a compiled decode step (``torch.compile``) can call: an opaque custom op.
+
+Traced as plain torch, an in-place write into the cache (a graph input) is functionalised into a
+copy of the whole layer cache per step; as a custom op that declares what it mutates, inductor
+calls it in place. Inside, padding rows (slot < 0) are redirected rather than dropped (no boolean
+mask, no host sync): they write row 0's key/value to row 0's slot, a duplicate of row 0's own
+identical write. Invariant: row 0 is a real row (a padded batch is never all padding).
+"""
+from __future__ import annotations
+
+import torch
+
+
+@torch.library.custom_op("lmwrap::fill_kv_cache_padded", mutates_args=("k_cache", "v_cache"))
+def fill_kv_cache_padded(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor) -> None:
+    """Write ``k, v [T, Hk, D]`` into the paged caches at ``slot_mapping [T]`` (in place); slots < 0 write nothing."""
+    num_kv_heads, head_dim = k_cache.shape[-2], k_cache.shape[-1]
+    slots = slot_mapping.long()
+    pad = slots < 0
+    slots = torch.where(pad, slots[:1], slots)
+    k = torch.where(pad[:, None, None], k[:1], k)
+    v = torch.where(pad[:, None, None], v[:1], v)
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
+
+
+@fill_kv_cache_padded.register_fake
+def _(k, v, k_cache, v_cache, slot_mapping) -> None:
+    return None

@@ -1,0 +1,128 @@
+"""Decode steps compiled by inductor on the CPU: the counterpart of the CUDA graphs (``cuda_graph.py``).
+
+An eager decode step runs 30 layers x dozens of small ops, each paying Python and dispatcher
+overhead that at batch 1 rivals its work. ``torch.compile`` turns the whole decode forward, LM
+head included, into one generated C++ program per shape. Attention then takes the traceable,
+sync-free kernels (``ForwardContext.traceable``): ``kernels/cpu_attention.py`` reads the paged
+cache in place over the step's block-table width; ``kernels/cpu_kv_cache.py`` writes the new KV.
+
+Shapes: the batch and block-table width are dynamic, so few programs serve every step: batch 1,
+batches up to the int4 linears' row limit, and larger batches (the linears branch on the row
+count). The table is at least ``MIN_WIDTH`` blocks wide, as inductor specialises a size of 1.
+Compiled programs are cached on disk (inductor's FX graph and AOTAutograd caches, under
+``$LMWRAP_CACHE/inductor`` or ``~/.cache/lmwrap/inductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set),
+so a warm start only re-traces. If compiling fails (no C++ compiler, an inductor error) the
+runner warns once and decodes eagerly. ``LMWRAP_CPU_COMPILE=0`` or ``eager_mode=True`` turn it off.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Optional
+
+import torch
+
+from ..config import EngineConfig
+from .context import ForwardContext, StepContext
+from .cuda_graph import DecodeGraphs
+
+logger = logging.getLogger("lmwrap_engine")
+
+MIN_WIDTH = 2
+
+
+def cpu_compile_wanted(config: EngineConfig) -> bool:
+    """Whether a CPU engine with this config compiles its decode steps (int8 KV and tensor parallel do not)."""
+    return (not config.eager_mode and os.environ.get("LMWRAP_CPU_COMPILE", "1") != "0"
+            and config.quant_policy != 8 and config.tp == 1)
+
+
+def inductor_cache_dir() -> str:
+    """Where compiled programs are kept: ``TORCHINDUCTOR_CACHE_DIR`` if the user set it, else under lmwrap's cache."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return chosen  # (inductor writes its default back into the variable once it has used it)
+    root = os.environ.get("LMWRAP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmwrap")
+    return os.path.join(root, "inductor")
+
+
+def _decode_logits(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return model.compute_logits(model(input_ids, positions))
+
+
+_compiled_decode_logits = None
+
+
+def compiled_decode_logits():
+    """``_decode_logits`` under ``torch.compile``, one per process: engines of the same architecture and
+    shapes share its programs (the model is an argument, its parameters graph inputs)."""
+    global _compiled_decode_logits
+    if _compiled_decode_logits is None:
+        _compiled_decode_logits = torch.compile(_decode_logits, fullgraph=True, dynamic=False)
+    return _compiled_decode_logits
+
+
+class CompiledDecode(DecodeGraphs):
+    """Decode-only batches through fixed buffers (no padding: shapes are dynamic), run by a compiled
+    forward that returns fp32 logits. After a failed compile it runs eagerly for good."""
+
+    def __init__(self, model: torch.nn.Module, step_context: StepContext, max_batch_size: int,
+                 max_blocks_per_seq: int, hidden_size: int, dtype: torch.dtype, device: torch.device):
+        super().__init__(model, step_context, max_batch_size, max(max_blocks_per_seq, MIN_WIDTH), hidden_size,
+                         dtype, device, capture=False)
+        self.batch_sizes = list(range(1, max_batch_size + 1))
+        self.computes_logits = True
+        self.failed = False
+        self._compiled_kinds = set()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()
+        self._compiled = compiled_decode_logits()
+
+    def _traced_context(self, bs: int, width: int) -> ForwardContext:
+        ctx = self._context(bs)
+        ctx.decode_block_tables = self.block_tables[:bs, :width]
+        ctx.traceable = True
+        if bs > 1:
+            for t in (ctx.slot_mapping, ctx.decode_block_tables, ctx.decode_kv_lens):
+                torch._dynamo.mark_dynamic(t, 0)
+        torch._dynamo.mark_dynamic(ctx.decode_block_tables, 1)
+        return ctx
+
+    def _kind(self, bs: int) -> str:
+        from ..models.layers.quant_linear import MAX_INT4_ROWS
+        return "1" if bs == 1 else f"2..{MAX_INT4_ROWS}" if bs <= MAX_INT4_ROWS else f">{MAX_INT4_ROWS}"
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        if self.failed:
+            return self.model.compute_logits(super()._forward(bs)[:bs])
+        ids, pos = self.input_ids[:bs], self.positions[:bs]
+        if bs > 1:
+            torch._dynamo.mark_dynamic(ids, 0)
+            torch._dynamo.mark_dynamic(pos, 0)
+        ctx = self._traced_context(bs, max(self.width, MIN_WIDTH))
+        kind = self._kind(bs)
+        start = time.perf_counter()
+        try:  # any call may compile: a new kind of batch, or a guard that failed
+            with self.step_context.use(ctx):
+                logits = self._compiled(self.model, ids, pos)
+        except Exception as exc:  # no compiler, an inductor error: decode eagerly from now on
+            logger.warning("compiling the CPU decode step failed (%s: %s); decoding eagerly",
+                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            self.failed = True
+            return self._forward(bs)
+        if kind not in self._compiled_kinds:
+            self._compiled_kinds.add(kind)
+            logger.info("compiled the CPU decode step for batch %s in %.1f s (cache: %s)", kind,
+                        time.perf_counter() - start, os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        return logits
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile (or load from the disk cache) the batch-1 program. Writes one token of KV into slot 0,
+        which no sequence holds yet at load time."""
+        step = dict(input_ids=[0], positions=[0], slots=[0], kv_lens=[1], block_tables=[[0]])
+        failed, self.failed = self.failed, True
+        self.run(**step)  # eagerly first: builds lazy tables (rotary cos/sin) that the trace must not see empty
+        self.failed = failed
+        self.run(**step)

@@ -1,0 +1,162 @@
+"""The inductor-compiled CPU decode step (engine/cpu_graphs.py): parity with the eager path and with
+transformers, sessions / prefix cache / preemption through it, the switches, and the eager fallback.
+
+Tiny models keep each compile short (~40 s for the first test with a cold inductor cache, seconds warm)."""
+import logging
+
+import pytest
+import torch
+
+from tiny_models import assert_all_blocks_free, load_reference, reference_greedy, tiny_config
+
+from kernels import reference
+from kernels.cpu_kv_cache import fill_kv_cache_padded
+from lmwrap_engine import GenerationConfig, pipeline
+from lmwrap_engine.engine import cpu_graphs
+from lmwrap_engine.engine.cpu_graphs import CompiledDecode
+from lmwrap_engine.engine.cuda_graph import DecodeGraphs, graph_batch_sizes
+
+PROMPTS = ["hello world", "The capital of France is Paris. The capital of Italy is", "a",
+           "def add(a, b):\n    return a + b\n# numbers 0 1 2 3 4 5 6 7 8 9", "Name three rivers:",
+           "tiny models for a tiny tokenizer, this is a test of a test"]
+OUTPUT_LENS = [9, 3, 14, 6, 11, 1]  # the batch shrinks step by step: batch 1 and the dynamic-batch program
+
+
+@pytest.fixture(autouse=True)
+def compile_on(monkeypatch):
+    monkeypatch.setenv("LMWRAP_CPU_COMPILE", "1")
+
+
+def _runner(pipe):
+    return pipe._loop.engine.runner
+
+
+def _expected(pipe, ref, prompts, lens):
+    out = []
+    for prompt, n in zip(prompts, lens):
+        ids = pipe.tokenizer.encode(prompt)
+        out.append(reference_greedy(ref, ids, n)[len(ids):])
+    return out
+
+
+def test_padded_cache_write_skips_padding_rows():
+    torch.manual_seed(0)
+    k, v = torch.randn(4, 2, 8), torch.randn(4, 2, 8)
+    slots = torch.tensor([5, -1, 9, -1])
+    caches = [torch.randn(4, 4, 2, 8) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    reference.fill_kv_cache(k, v, *expected, slots)
+    fill_kv_cache_padded(k, v, *caches, slots)
+    for got, want in zip(caches, expected):
+        assert torch.equal(got, want)
+
+
+def test_compiled_decode_is_token_identical_to_transformers(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    ref = load_reference(path)
+    with pipeline(path, tiny_config(block_size=4)) as pipe:
+        graphs = _runner(pipe).decode_graphs
+        assert isinstance(graphs, CompiledDecode) and not graphs.failed
+        configs = [GenerationConfig(max_new_tokens=n, ignore_eos=True) for n in OUTPUT_LENS]
+        got = [r.token_ids for r in pipe(PROMPTS, gen_config=configs, do_preprocess=False)]
+        assert graphs.num_runs >= 10 and not graphs.failed
+        assert_all_blocks_free(pipe)
+    assert got == _expected(pipe, ref, PROMPTS, OUTPUT_LENS)
+
+
+def test_compiled_logits_match_eager_logits(tiny_model_dir):
+    with pipeline(tiny_model_dir("llama"), tiny_config(block_size=4)) as pipe:
+        runner = _runner(pipe)
+        compiled = runner.decode_graphs
+        eager = DecodeGraphs(runner.model, runner.step_context, 8, 16, runner.args.hidden_size, runner.dtype,
+                             runner.device, capture=False)
+        torch.manual_seed(0)
+        runner.k_cache.normal_()
+        runner.v_cache.normal_()
+        # Three sequences of 10, 4 and 7 tokens (block size 4); the step writes each one's last token.
+        step = dict(input_ids=[5, 7, 11], positions=[9, 3, 6], slots=[2 * 4 + 1, 5 * 4 + 3, 8 * 4 + 2],
+                    kv_lens=[10, 4, 7], block_tables=[[0, 1, 2], [5], [7, 8]])
+        want = runner.model.compute_logits(eager.run(**step))
+        got = compiled.run(**step)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        one = {key: value[:1] for key, value in step.items()}
+        torch.testing.assert_close(compiled.run(**one), want[:1], atol=1e-4, rtol=1e-4)
+        assert not compiled.failed
+
+
+def test_padded_batches_through_the_compiled_step(tiny_model_dir):
+    """Padded up a ladder like the CUDA graphs: padding rows (slot -1, kv_len 0) change nothing."""
+    path = tiny_model_dir("llama")
+    ref = load_reference(path)
+    prompts, lens = PROMPTS[:3], OUTPUT_LENS[:3]
+    with pipeline(path, tiny_config(block_size=4)) as pipe:
+        graphs = _runner(pipe).decode_graphs
+        graphs.batch_sizes = graph_batch_sizes(8)  # 3 rows run as 4
+        configs = [GenerationConfig(max_new_tokens=n, ignore_eos=True) for n in lens]
+        got = [r.token_ids for r in pipe(prompts, gen_config=configs, do_preprocess=False)]
+        assert graphs.num_runs > 0 and not graphs.failed
+        assert_all_blocks_free(pipe)
+    assert got == _expected(pipe, ref, prompts, lens)
+
+
+def test_sessions_prefix_cache_and_preemption_through_the_compiled_step(tiny_model_dir, monkeypatch):
+    path = tiny_model_dir("llama")
+    ref = load_reference(path)
+    gen = GenerationConfig(max_new_tokens=7, ignore_eos=True)
+    configs = [GenerationConfig(max_new_tokens=n, ignore_eos=True) for n in OUTPUT_LENS]
+
+    def session_turns(pipe):
+        sess = pipe.chat("hello world", gen_config=gen)
+        sess = pipe.chat("The capital of France", session=sess, gen_config=gen)
+        tokens = sess.response.token_ids
+        sess.close()
+        return tokens
+
+    monkeypatch.setenv("LMWRAP_CPU_COMPILE", "0")
+    with pipeline(path, tiny_config(block_size=4)) as pipe:
+        assert _runner(pipe).decode_graphs is None
+        eager_turns = session_turns(pipe)
+    monkeypatch.setenv("LMWRAP_CPU_COMPILE", "1")
+    with pipeline(path, tiny_config(block_size=4)) as pipe:
+        graphs = _runner(pipe).decode_graphs
+        assert session_turns(pipe) == eager_turns
+        assert graphs.num_runs > 0 and not graphs.failed
+    # 12 blocks of 4 tokens cannot hold six sequences of up to ~40 tokens at once: preemption.
+    with pipeline(path, tiny_config(block_size=4, num_gpu_blocks=12, enable_prefix_caching=True)) as pipe:
+        graphs = _runner(pipe).decode_graphs
+        for _ in range(2):  # the second round hits the prefix cache
+            got = [r.token_ids for r in pipe(PROMPTS, gen_config=configs, do_preprocess=False)]
+            assert got == _expected(pipe, ref, PROMPTS, OUTPUT_LENS)
+        stats = pipe.stats()
+        assert stats["num_preemptions"] > 0 and stats["num_prefix_hit_tokens"] > 0
+        assert graphs.num_runs > 0 and not graphs.failed
+        assert_all_blocks_free(pipe)
+
+
+@pytest.mark.parametrize("how", ["eager_mode", "env"])
+def test_switched_off(how, tiny_model_dir, monkeypatch):
+    if how == "env":
+        monkeypatch.setenv("LMWRAP_CPU_COMPILE", "0")
+    with pipeline(tiny_model_dir("llama"), tiny_config(eager_mode=how == "eager_mode")) as pipe:
+        assert _runner(pipe).decode_graphs is None
+
+
+def test_a_failed_compile_warns_once_and_decodes_eagerly(tiny_model_dir, monkeypatch, caplog):
+    def no_compiler(fn, **kwargs):
+        def broken(*args):
+            raise RuntimeError("InductorError: no C++ compiler found")
+        return broken
+
+    monkeypatch.setattr(cpu_graphs, "compiled_decode_logits", lambda: no_compiler(cpu_graphs._decode_logits))
+    path = tiny_model_dir("llama")
+    ref = load_reference(path)
+    with caplog.at_level(logging.WARNING, logger="lmwrap_engine"):
+        with pipeline(path, tiny_config(block_size=4)) as pipe:
+            graphs = _runner(pipe).decode_graphs
+            assert graphs.failed
+            configs = [GenerationConfig(max_new_tokens=n, ignore_eos=True) for n in OUTPUT_LENS]
+            got = [r.token_ids for r in pipe(PROMPTS, gen_config=configs, do_preprocess=False)]
+            assert graphs.num_runs >= 10
+    warnings = [r for r in caplog.records if "decoding eagerly" in r.getMessage()]
+    assert len(warnings) == 1
+    assert got == _expected(pipe, ref, PROMPTS, OUTPUT_LENS)
