@@ -200,6 +200,11 @@ def run_transformers(model, workload, batch_size: int) -> Tuple[float, int]:
 
 
 
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 def _synchronize(device) -> None:
     import torch
     if torch.device(device).type == "cuda":
@@ -211,6 +216,14 @@ def _free_device_memory(device) -> None:
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
+
+
+def print_host(device) -> None:
+    """The CPU line every CPU figure is reported with: model, ISA flags, torch's kernel ISA, threads."""
+    import torch
+    if torch.device(device).type == "cpu":
+        from .engine.cpu_features import describe_cpu
+        print(f"cpu: {describe_cpu()}")
 
 
 def _intra_op_threads() -> int:
@@ -252,6 +265,7 @@ def throughput(args) -> None:
     print(f"model: {model}")
     print(f"workload: {len(workload)} requests ({lengths}), {num_in} prompt tokens, "
           f"{sum(o for _, o in workload)} output tokens, EOS ignored; dtype {dtype}, device {device}")
+    print_host(device)
     if getattr(args, "tp", 1) > 1 or getattr(args, "dp", 1) > 1:
         print(f"parallelism: tp {args.tp} x dp {args.dp} ({args.tp * args.dp} model ranks, "
               f"{os.cpu_count()} CPUs visible)" if device.type == "cpu" else
@@ -270,7 +284,9 @@ def throughput(args) -> None:
     print(f"lmwrap       : {secs:8.2f} s  {toks / secs:9.1f} output tok/s  {(toks + num_in) / secs:9.1f} total tok/s")
     after = pipe.stats()
     steps = after["num_steps"] - before["num_steps"]
-    print(f"engine steps : {steps} ({after['num_graph_replays'] - before['num_graph_replays']} replayed from CUDA graphs), "
+    replays = after["num_graph_replays"] - before["num_graph_replays"]
+    how = "replayed from CUDA graphs" if device.type == "cuda" else "run by the compiled decode"
+    print(f"engine steps : {steps} ({replays} {how}), "
           f"{secs / max(steps, 1) * 1e3:.2f} ms/step, "
           f"{after['num_preemptions'] - before['num_preemptions']} preemptions")
     pipe.close()
@@ -303,15 +319,21 @@ def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def latency(args) -> None:
+    """Batch 1: each run a fresh prompt (the prefix cache can serve none of it), the same prompts for
+    every contender; medians of time to first token and of decode tok/s after it."""
     import statistics
     from .config import GenerationConfig
     pipe = _open_pipeline(argparse.Namespace(model=args.model, dtype=args.dtype, max_batch_size=8,
                                              max_prefill_token_num=4096))
-    ids = make_workload(_plain_vocab(pipe.tokenizer), 1, (args.input_len, args.input_len), (1, 1), 0)[0][0]
+    vocab = _plain_vocab(pipe.tokenizer)
+    lengths = (args.input_len, args.input_len), (1, 1)
+    prompts = [ids for ids, _ in make_workload(vocab, args.runs, *lengths, seed=0)]
+    warm_up = make_workload(vocab, 1, *lengths, seed=1)[0][0]
     gen = GenerationConfig(max_new_tokens=args.output_len, ignore_eos=True)
-    list(pipe.stream_generate(input_ids=ids, gen_config=GenerationConfig(max_new_tokens=4, ignore_eos=True)))
+    list(pipe.stream_generate(input_ids=warm_up, gen_config=GenerationConfig(max_new_tokens=4, ignore_eos=True)))
+    before = pipe.stats()
     ttfts, rates = [], []
-    for _ in range(args.runs):
+    for ids in prompts:
         start = time.perf_counter()
         first = None
         for delta in pipe.stream_generate(input_ids=ids, gen_config=gen):
@@ -320,35 +342,37 @@ def latency(args) -> None:
         end = time.perf_counter()
         ttfts.append(first - start)
         rates.append((args.output_len - 1) / (end - first))
-    print(f"batch 1, {args.input_len}-token prompt, {args.output_len} new tokens, dtype {pipe.dtype}, "
-          f"device {pipe.device}, median of {args.runs}")
+    after = pipe.stats()
+    hits = after["num_prefix_hit_tokens"] - before["num_prefix_hit_tokens"]
+    print(f"batch 1, {args.input_len}-token prompt (a new one each run), {args.output_len} new tokens, "
+          f"dtype {pipe.dtype}, device {pipe.device}, median of {args.runs}")
+    print_host(pipe.device)
     print(f"lmwrap       : time to first token {statistics.median(ttfts) * 1e3:7.1f} ms   "
-          f"decode {statistics.median(rates):7.1f} tok/s")
+          f"decode {statistics.median(rates):7.1f} tok/s   ({hits} prompt tokens served by the prefix cache)")
     device, dtype, model_dir = pipe.device, pipe.dtype, pipe.model_dir
     pipe.close()
     del pipe
     _free_device_memory(device)
     if args.compare == "llama.cpp":
         from . import bench_llamacpp
-        print(bench_llamacpp.latency(args.model, ids, args.output_len, args.runs, _intra_op_threads()))
+        print(bench_llamacpp.latency(args.model, prompts, args.output_len, _intra_op_threads()))
     if args.no_hf:
         return
     import torch
     model = load_transformers_model(model_dir, dtype, device)
-    x = torch.tensor([ids], device=device)
 
-    def timed_generate(n: int) -> float:
+    def timed_generate(ids, n: int) -> float:
         start = time.perf_counter()
-        model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        model.generate(torch.tensor([ids], device=device), max_new_tokens=n, min_new_tokens=n, do_sample=False)
         _synchronize(device)
         return time.perf_counter() - start
 
     ttfts, rates = [], []
     with torch.no_grad():
-        timed_generate(4)
-        for _ in range(args.runs):  # the same medians as ours: TTFT from 1-token runs, decode from full ones
-            ttfts.append(timed_generate(1))
-            rates.append((args.output_len - 1) / max(timed_generate(args.output_len) - ttfts[-1], 1e-9))
+        timed_generate(warm_up, 4)
+        for ids in prompts:  # the same medians as ours: TTFT from 1-token runs, decode from full ones
+            ttfts.append(timed_generate(ids, 1))
+            rates.append((args.output_len - 1) / max(timed_generate(ids, args.output_len) - ttfts[-1], 1e-9))
     print(f"transformers : time to first token {statistics.median(ttfts) * 1e3:7.1f} ms   "
           f"decode {statistics.median(rates):7.1f} tok/s")
 
@@ -362,6 +386,7 @@ t1 = time.time()
 for d in pipe.stream_generate("What is the capital of France?", gen_config=GenerationConfig(max_new_tokens=1)):
     break
 t2 = time.time()
+pipe.close()  # the engine thread stops before the interpreter tears down
 print(f"{t1 - t0:.3f} {t2 - t0:.3f}")
 """
 
@@ -377,4 +402,5 @@ def coldstart(args) -> None:
                              capture_output=True, text=True).stdout.split()
         results.append((float(out[0]), float(out[1])))
     load, first = min(results, key=lambda r: r[1])
+    print_host("cpu" if not _cuda_available() else "cuda")
     print(f"cold start (best of {args.runs}): engine ready {load:.2f} s, first token {first:.2f} s after process start")

@@ -49,14 +49,14 @@ def _generate(llm, ids: Sequence[int], n: int) -> Tuple[float, float]:
     return first - start, time.perf_counter() - first
 
 
-def latency(model: Optional[str], ids: List[int], output_len: int, runs: int, threads: int) -> str:
-    """The bench latency line for llama.cpp: median TTFT and median decode tok/s over ``runs``."""
-    llm, what = open_llama(model, len(ids) + output_len + 8, threads)
+def latency(model: Optional[str], prompts: List[List[int]], output_len: int, threads: int) -> str:
+    """The bench latency line for llama.cpp: median TTFT and median decode tok/s, one run per prompt."""
+    llm, what = open_llama(model, max(len(ids) for ids in prompts) + output_len + 8, threads)
     if llm is None:
         return f"llama.cpp    : skipped, {what}"
-    _generate(llm, ids, 4)  # warm-up
+    _generate(llm, prompts[0][:16], 4)  # warm-up
     ttfts, rates = [], []
-    for _ in range(runs):
+    for ids in prompts:
         ttft, rest = _generate(llm, ids, output_len)
         ttfts.append(ttft)
         rates.append((output_len - 1) / max(rest, 1e-9))

@@ -212,7 +212,7 @@ def test_bench_throughput_random_weights_sharegpt_like_runs_both_sides(tmp_path)
     assert workload, out
     assert 6 * 4 <= int(workload.group(1)) <= 6 * 48 and 6 * 4 <= int(workload.group(2)) <= 6 * 12
     assert re.search(r"^lmwrap       : +[\d.]+ s +[\d.]+ output tok/s +[\d.]+ total tok/s$", out, re.M), out
-    steps = re.search(r"^engine steps : (\d+) \(0 replayed from CUDA graphs\), [\d.]+ ms/step, 0 preemptions$",
+    steps = re.search(r"^engine steps : (\d+) \(0 run by the compiled decode\), [\d.]+ ms/step, 0 preemptions$",
                       out, re.M)
     assert steps, out
     # Every request is in flight at once: at least one step per token of the longest output, at
@@ -222,3 +222,29 @@ def test_bench_throughput_random_weights_sharegpt_like_runs_both_sides(tmp_path)
                      r"padded batches of 2\)$", out, re.M), out
     assert re.search(r"^ratio        : +[\d.]+x output tok/s$", out, re.M), out
     assert os.path.exists(os.path.join(str(tmp_path), "dummy", "tiny-llama", "config.json"))
+
+
+CPU_LINE = r"^cpu: .+, \d+ physical cores; flags: .+; torch kernels: \w+; \d+ intra-op threads$"
+
+
+def test_bench_latency_uses_a_new_prompt_each_run_and_names_the_cpu(model_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmwrap_engine.cli", "bench", "latency", model_dir, "--dtype", "float32",
+         "--input-len", "140", "--output-len", "6", "--runs", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "batch 1, 140-token prompt (a new one each run), 6 new tokens, dtype torch.float32, device cpu" in out, out
+    assert re.search(CPU_LINE, out, re.M), out
+    # The prefix cache holds the warm-up and earlier runs; a fresh prompt per run finds none of it.
+    assert re.search(r"^lmwrap       : time to first token +[\d.]+ ms   decode +[\d.]+ tok/s   "
+                     r"\(0 prompt tokens served by the prefix cache\)$", out, re.M), out
+    assert re.search(r"^transformers : time to first token +[\d.]+ ms   decode +[\d.]+ tok/s$", out, re.M), out
+
+
+def test_bench_coldstart_exits_cleanly_and_names_the_cpu(model_dir):
+    proc = subprocess.run([sys.executable, "-m", "lmwrap_engine.cli", "bench", "coldstart", model_dir, "--runs", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^cold start \(best of 1\): engine ready [\d.]+ s, first token [\d.]+ s after process start$",
+                     proc.stdout, re.M), proc.stdout
+    assert re.search(CPU_LINE, proc.stdout, re.M), proc.stdout

@@ -162,8 +162,8 @@ def test_bench_compare_llama_cpp_runs_on_the_same_gguf(q4_1_gguf, tmp_path):
     pytest.importorskip("llama_cpp")
     from lmwrap_engine import bench_llamacpp
     assert bench_llamacpp.gguf_file(str(tmp_path)) is None
-    assert "skipped" in bench_llamacpp.latency(str(tmp_path), [5, 6, 7], 4, 1, 1)
-    line = bench_llamacpp.latency(q4_1_gguf, list(range(3, 40)), 8, 1, 1)
+    assert "skipped" in bench_llamacpp.latency(str(tmp_path), [[5, 6, 7]], 4, 1)
+    line = bench_llamacpp.latency(q4_1_gguf, [list(range(3, 40)), list(range(5, 30))], 8, 1)
     assert line.startswith("llama.cpp    : time to first token") and "tiny.Q4_1.gguf" in line, line
     line = bench_llamacpp.throughput(q4_1_gguf, [(list(range(3, 20)), 5), (list(range(9, 40)), 3)], 1)
     assert "output tok/s" in line, line

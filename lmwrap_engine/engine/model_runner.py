@@ -15,6 +15,7 @@ from ..models.layers.attention import PagedAttention
 from ..models.layers.quant_linear import convert_int4_linears, int4_pays_off
 from ..models.registry import build_model
 from .context import ForwardContext, StepContext
+from .cpu_features import cpu_has_fast_bf16, physical_cores
 from .cpu_graphs import CompiledDecode, cpu_compile_wanted
 from .cuda_graph import DecodeGraphs
 from .scheduler import ScheduledBatch
@@ -38,26 +39,23 @@ def resolve_device(device_type: str) -> torch.device:
     return torch.device(device_type)
 
 
-def cpu_has_fast_bf16() -> bool:
-    """AVX-512 BF16 or AMX: without them torch's CPU bf16 matmuls are emulated and far slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_dtype(dtype: str, args: ModelArgs, device: torch.device) -> torch.dtype:
+    """The compute dtype: an explicit choice as given; ``'auto'`` the config's dtype on CUDA, and on CPU
+    bf16 where the CPU computes it fast (AVX-512 BF16 or AMX), else fp32, whatever the config says:
+    decode reads every weight each step, so bf16 halves its bytes where the hardware allows."""
     if dtype != "auto":
         return _DTYPES[dtype]
-    chosen = _DTYPES.get(str(args.dtype).replace("torch.", ""), torch.bfloat16)
-    if device.type == "cpu" and chosen != torch.float32:
-        # fp16 has no fast CPU path at all; bf16 only with hardware support. A float32 config (a
-        # converted GGUF) stays float32: in bf16 greedy near-ties flip with the batch's make-up (the
-        # 4-bit kernel serves small batches, the dense weights large ones), so bf16 is asked for.
-        chosen = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    return chosen
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return _DTYPES.get(str(args.dtype).replace("torch.", ""), torch.bfloat16)
+
+
+def use_physical_cores() -> None:
+    """Caps torch's intra-op threads at the physical cores this process may use: SMT siblings share a
+    core's vector units, so a thread per sibling only adds contention. ``OMP_NUM_THREADS`` or a lower
+    thread count the user set is left as it is."""
+    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > physical_cores():
+        torch.set_num_threads(physical_cores())
 
 
 def available_memory(device: torch.device) -> int:
@@ -76,6 +74,8 @@ class ModelRunner:
         self.args.tp_rank, self.args.tp_size = tp_rank, config.tp  # tp > 1: in a worker (engine/worker.py)
         self.config = config
         self.device = resolve_device(config.device_type)
+        if self.device.type == "cpu" and config.tp == 1:
+            use_physical_cores()
         self.dtype = resolve_dtype(config.dtype, self.args, self.device)
         self.args.disable_vision_encoder = config.disable_vision_encoder
         self.model = self._load_model(model_dir)

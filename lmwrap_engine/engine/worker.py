@@ -79,8 +79,9 @@ def start_rank(rank: int, world_size: int, init_method: str, model_dir: str, con
     if device.type == "cuda":  # Ray gives an actor one visible GPU; worker processes see them all
         torch.cuda.set_device(rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())
-    elif "OMP_NUM_THREADS" not in os.environ:  # ranks share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    elif "OMP_NUM_THREADS" not in os.environ:  # ranks share the physical cores
+        from .cpu_features import physical_cores
+        torch.set_num_threads(max(1, physical_cores() // world_size))
     torch.set_grad_enabled(False)
     init_distributed(rank, world_size, init_method, device)
     return ModelRunner(model_dir, config, tp_rank=rank)
