@@ -14,7 +14,7 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None,
                         help="HF folder, .gguf file or hub id in the local cache (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                        help="weights and KV cache dtype (auto: the model's own; on CPU float32 unless bf16 is fast)")
+                        help="weights and KV cache dtype (auto: on CPU bf16 where the CPU has AVX-512 BF16 or AMX, else float32; on CUDA the model's own)")
     parser.add_argument("--chat-template", default=None, help="built-in template name (see `lmwrap list`)")
     parser.add_argument("--session-len", type=int, default=None,
                         help="most tokens one session may hold (default: the model's context length)")

@@ -24,7 +24,8 @@ def model_path(tiny_model_dir):
 
 @pytest.fixture(scope='module')
 def llm(model_path):
-    llm = LMDeployPipeline(model_path, meta_template=CHATML_META, **GREEDY)
+    # float32: greedy output that must not depend on batching or prefix-cache hits (bf16 may flip near-ties)
+    llm = LMDeployPipeline(model_path, meta_template=CHATML_META, pipeline_cfg=dict(dtype='float32'), **GREEDY)
     yield llm
     llm.close()
 
@@ -224,7 +225,7 @@ def test_constructor_errors_come_before_the_model_loads(model_path):
 
 def test_build_llm_with_auto_template_and_a_prompt_that_fills_the_session(model_path, llm):
     built = build_llm(dict(type='LMDeployPipeline', path=model_path, meta_template='auto',
-                           pipeline_cfg=dict(session_len=32), **GREEDY))
+                           pipeline_cfg=dict(session_len=32, dtype='float32'), **GREEDY))
     try:
         assert type(built) is LMDeployPipeline
         assert built.template_parser.meta_template is CHATML_META  # picked from the folder's chat template
@@ -258,7 +259,8 @@ def test_build_llm_resolves_names_paths_and_classes():
 
 
 def test_async_pipeline_matches_the_sync_one(model_path, llm):
-    async_llm = AsyncLMDeployPipeline(model_path, meta_template=CHATML_META, **GREEDY)
+    async_llm = AsyncLMDeployPipeline(model_path, meta_template=CHATML_META, pipeline_cfg=dict(dtype='float32'),
+                                      **GREEDY)
 
     async def first_item_then_stop():
         before = settled_count(async_llm)

@@ -68,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(Chatbot(model_name='') reads it; default 'base')")
     p.add_argument("--text-model-name", default=P.TEXT_MODEL,
                    help=f"name of the Triton-LLM-convention text model (default {P.TEXT_MODEL!r})")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
+                   help="weights and KV cache dtype (default auto: on CPU bf16 where the CPU has AVX-512 BF16 "
+                        "or AMX, else float32; on CUDA the model's own)")
     p.add_argument("--session-len", type=int, default=None)
     p.add_argument("--cache-max-entry-count", type=float, default=None)
     p.add_argument("--log-level", default="WARNING")
@@ -111,7 +114,7 @@ def main(argv=None) -> None:
 
 def _main(args) -> None:
     from ...config import TurbomindEngineConfig
-    config = {k: v for k, v in dict(session_len=args.session_len,
+    config = {k: v for k, v in dict(dtype=args.dtype, session_len=args.session_len,
                                      cache_max_entry_count=args.cache_max_entry_count).items() if v is not None}
     serve(args.model, grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
           address=args.address, chat_template_name=args.chat_template_name, text_model_name=args.text_model_name,
