@@ -169,3 +169,13 @@ def test_bf16_int8_engine_stays_close_to_fp32(int8_pair):
                                          weight_quant="int8"))
     assert bf16.model.lm_head.qweight.dtype == torch.int8
     torch.testing.assert_close(run_prefill_logits(bf16, ids, [30] + [1] * 7), full, atol=0.2, rtol=0)
+
+
+@pytest.mark.parametrize("argv", [["chat"], ["serve", "api_server"], ["bench", "throughput"], ["bench", "latency"]])
+def test_cli_weight_quant_flag(argv):
+    from lmwrap_engine.cli import build_parser
+    parser = build_parser()
+    assert parser.parse_args(argv + ["--weight-quant", "int8"]).weight_quant == "int8"
+    assert parser.parse_args(argv).weight_quant is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv + ["--weight-quant", "int4"])
