@@ -136,6 +136,10 @@ def _open_pipeline(args):
     return pipeline(model, cfg)
 
 
+def _weights_note(args) -> str:
+    return f" with {args.weight_quant} weights" if getattr(args, "weight_quant", None) else ""
+
+
 def _plain_vocab(tokenizer) -> List[int]:
     special = set(tokenizer.all_special_ids)
     return [i for i in range(len(tokenizer)) if i not in special]
@@ -254,8 +258,8 @@ def throughput(args) -> None:
     model = f"random weights, {args.random_weights} shape" if args.random_weights else model_dir
     print(f"model: {model}")
     print(f"workload: {len(workload)} requests ({lengths}), {num_in} prompt tokens, "
-          f"{sum(o for _, o in workload)} output tokens, EOS ignored; dtype {dtype}, "
-          f"weights {getattr(args, 'weight_quant', None) or 'as loaded'}, device {device}")
+          f"{sum(o for _, o in workload)} output tokens, EOS ignored; dtype {dtype}{_weights_note(args)}, "
+          f"device {device}")
     if getattr(args, "tp", 1) > 1 or getattr(args, "dp", 1) > 1:
         print(f"parallelism: tp {args.tp} x dp {args.dp} ({args.tp * args.dp} model ranks, "
               f"{os.cpu_count()} CPUs visible)" if device.type == "cpu" else
@@ -327,8 +331,8 @@ def latency(args) -> None:
         end = time.perf_counter()
         ttfts.append(first - start)
         rates.append((args.output_len - 1) / (end - first))
-    print(f"batch 1, {args.input_len}-token prompt, {args.output_len} new tokens, dtype {pipe.dtype}, "
-          f"weights {getattr(args, 'weight_quant', None) or 'as loaded'}, device {pipe.device}, median of {args.runs}")
+    print(f"batch 1, {args.input_len}-token prompt, {args.output_len} new tokens, "
+          f"dtype {pipe.dtype}{_weights_note(args)}, device {pipe.device}, median of {args.runs}")
     print(f"lmwrap       : time to first token {statistics.median(ttfts) * 1e3:7.1f} ms   "
           f"decode {statistics.median(rates):7.1f} tok/s")
     device, dtype, model_dir = pipe.device, pipe.dtype, pipe.model_dir
