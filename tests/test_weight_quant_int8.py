@@ -54,14 +54,19 @@ def test_int8_linear_matches_the_dense_linear_on_dequantised_weights(dtype, atol
         torch.testing.assert_close(got.float(), want, atol=atol, rtol=0)
 
 
-def test_int8_linear_compiled_one_row_matches():
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.03)])
+def test_int8_linear_compiled_matches(dtype, atol):
+    """Compiled: the fused int8 reduction (1 row; up to the limit in fp32), int8pack (bf16), the dense copy."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 96))
+    model = nn.Sequential(nn.Linear(64, 96)).to(dtype)
     convert_int8_linears(model)
-    x = torch.randn(1, 64)
-    want = nn.functional.linear(x, model[0].weight, model[0].bias)
-    got = torch.compile(model, fullgraph=True)(x)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    for rows in (1, 3, MAX_INT8_ROWS + 2):
+        x = torch.randn(rows, 64).to(dtype)
+        want = nn.functional.linear(x.float(), model[0].weight.float(), model[0].bias.float())
+        with torch.inference_mode():
+            got = compiled(x)
+        torch.testing.assert_close(got.float(), want, atol=atol, rtol=0)
 
 
 def test_tied_head_and_embedding_share_the_dequantised_table():
@@ -149,15 +154,25 @@ def test_int8_pipeline_greedy_matches_transformers(int8_pair):
     assert got == [reference_greedy(ref, ids, 8)[len(ids):] for ids in PROMPTS]
 
 
-def test_int8_compiled_decode_gives_eager_tokens(int8_pair, monkeypatch):
+def test_int8_compiled_decode_matches_transformers(int8_pair, monkeypatch):
+    """Batch 1 alone, then all prompts at once with different output lengths, so the batch shrinks through
+    the compiled batch-1 and dynamic-batch programs."""
     src, roundtrip = int8_pair
     ref = load_reference(roundtrip)
-    want = [reference_greedy(ref, ids, 8)[len(ids):] for ids in PROMPTS]
+    texts, lens = ["hello world", "The capital of France is Paris. The capital of Italy is", "a"], [9, 3, 6]
     monkeypatch.setenv("LMWRAP_CPU_COMPILE", "1")
-    got, runner = _greedy(src, tiny_config(weight_quant="int8", block_size=4))
-    graphs = runner.decode_graphs
-    assert graphs is not None and not graphs.failed and graphs.num_runs > 0
-    assert got == want
+    with pipeline(src, tiny_config(weight_quant="int8", block_size=4)) as pipe:
+        graphs = pipe._loop.engine.runner.decode_graphs
+        prompts = [pipe.tokenizer.encode(t) for t in texts]
+        gen = GenerationConfig(max_new_tokens=lens[0], ignore_eos=True)
+        alone = [t for d in pipe.stream_generate(input_ids=prompts[0], gen_config=gen) for t in d.token_ids]
+        configs = [GenerationConfig(max_new_tokens=n, ignore_eos=True) for n in lens]
+        batched = [r.token_ids for r in pipe(texts, gen_config=configs, do_preprocess=False)]
+        assert graphs is not None and not graphs.failed and graphs.num_runs >= 8
+        assert len(graphs._compiled_kinds) >= 2
+    want = [reference_greedy(ref, ids, n)[len(ids):] for ids, n in zip(prompts, lens)]
+    assert alone == want[0]
+    assert batched == want
 
 
 def test_bf16_int8_engine_stays_close_to_fp32(int8_pair):
@@ -179,3 +194,27 @@ def test_cli_weight_quant_flag(argv):
     assert parser.parse_args(argv).weight_quant is None
     with pytest.raises(SystemExit):
         parser.parse_args(argv + ["--weight-quant", "int4"])
+
+
+def test_int8_compiled_logits_match_eager_logits(int8_pair, monkeypatch):
+    """Logits of a compiled batch-3 and batch-1 decode step (the fused int8 reduction in fp32) against the
+    eager step (the dense dequantised copy)."""
+    from lmwrap_engine.engine.cuda_graph import DecodeGraphs
+    monkeypatch.setenv("LMWRAP_CPU_COMPILE", "1")
+    with pipeline(int8_pair[0], tiny_config(weight_quant="int8", block_size=4)) as pipe:
+        runner = pipe._loop.engine.runner
+        compiled = runner.decode_graphs
+        eager = DecodeGraphs(runner.model, runner.step_context, 8, 16, runner.args.hidden_size, runner.dtype,
+                             runner.device, capture=False)
+        torch.manual_seed(0)
+        runner.k_cache.normal_()
+        runner.v_cache.normal_()
+        step = dict(input_ids=[5, 7, 11], positions=[9, 3, 6], slots=[2 * 4 + 1, 5 * 4 + 3, 8 * 4 + 2],
+                    kv_lens=[10, 4, 7], block_tables=[[0, 1, 2], [5], [7, 8]])
+        with torch.inference_mode():
+            want = runner.model.compute_logits(eager.run(**step))
+            got = compiled.run(**step)
+            one = compiled.run(**{key: value[:1] for key, value in step.items()})
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(one, want[:1], atol=1e-4, rtol=1e-4)
+        assert not compiled.failed

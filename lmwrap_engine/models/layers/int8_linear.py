@@ -6,18 +6,22 @@ The LM head, the largest matrix of a small model, is converted too; when it is t
 the shared table is overwritten with its dequantised values, so the lookup and the head see the same
 weights (exactly those of a checkpoint saved from the dequantised model).
 
-Which kernel serves a call (measured on a 2-core AVX-512 BF16 EPYC, 1 thread, SmolLM2-135M shapes, a
-decode-like sweep over 30 layers + LM head so that weights come from memory, not cache):
+Which kernel serves a call (measured on a 2-core AVX-512 BF16 EPYC, 1 thread, SmolLM2-135M shapes, sweeps
+over many layers + the LM head so that weights come from memory, not cache; the machine was shared, so
+compare within a line):
 
-- one row inside the compiled decode step (``engine/cpu_graphs.py``): ``sum_k x[k] q[n, k]`` written as a
-  broadcast and a reduction, which inductor fuses into one pass over the int8 weight. LM head
-  (49152 x 576): fp32 dense 12.3 ms -> 2.3 ms, bf16 dense 8.7 ms -> 2.9 ms (``_weight_int8pack_mm``: 5.0 ms).
-- bf16, up to ``MAX_INT8_ROWS`` rows: ``torch._weight_int8pack_mm`` (scales in the activation dtype).
-  Layers / head at 1 row 17.9 / 5.0 ms vs dense 34.6 / 8.5; at 4 rows 24.7 / 6.8 vs 37.1 / 8.8; at 8
-  rows 37.8 / 13.3 vs 42.7 / 10.3; at 16 rows 63.7 / 24.1 vs 50.5 / 12.5.
+- inside the compiled decode step (``engine/cpu_graphs.py``), one row, or up to ``MAX_INT8_ROWS`` rows in
+  fp32: ``sum_k x[m, k] q[n, k]`` written as a broadcast and a reduction, which inductor fuses into one
+  pass over the int8 weight per row. 10 layers + LM head, fp32: 1 row 4.5 ms vs dense 25.9; 2 rows 8.0
+  vs 49.1; 4 rows 15.1 vs 33.9. bf16: 1 row 5.3 ms vs dense 18.1 and ``_weight_int8pack_mm`` 10.4; 2
+  rows 11.1 vs 16.0 and 12.6 (the LM head alone at 4 rows: 11.3 ms vs int8pack 7.2, so bf16 takes
+  int8pack from 2 rows on).
+- bf16, up to ``MAX_INT8_ROWS`` rows otherwise: ``torch._weight_int8pack_mm`` (scales in the activation
+  dtype). 30 layers / LM head, eager: 1 row 17.9 / 5.0 ms vs dense 34.6 / 8.5; 4 rows 24.7 / 6.8 vs
+  37.1 / 8.8; 8 rows 37.8 / 13.3 vs 42.7 / 10.3; 16 rows 63.7 / 24.1 vs 50.5 / 12.5.
 - everything else: a dense copy of the dequantised weight. Torch's fp32 int8 kernel is 3x slower than
-  a dense fp32 matmul (1 row: layers 131 ms vs 43 ms), and dequantising per call instead of keeping the
-  copy costs 1.3x (64 rows: 128 ms vs 100 ms) to 1.1x (256 rows) on the layers and 4x on the LM head
+  a dense fp32 matmul (1 row, 30 layers: 131 ms vs 43 ms), and dequantising per call instead of keeping
+  the copy costs 1.3x (64 rows: 128 ms vs 100 ms) to 1.1x (256 rows) on the layers and 4x on the LM head
   (dequantising 28 M weights each call, ~80 ms eager). The copy costs memory: int8 + dense is 1.5x the
   bf16 weight bytes (1.25x fp32); a tied LM head's copy is the embedding table, which exists anyway.
 """
@@ -82,10 +86,12 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.numel() // self.in_features
-        if rows == 1 and torch.compiler.is_compiling():
-            # Inductor fuses the broadcast and the reduction into one pass over the int8 weight; eagerly
-            # this would materialise an N x K product.
-            y = ((x.reshape(1, -1).float() * self.qweight.float()).sum(-1) * self.scales.float()).to(x.dtype)
+        if (rows <= MAX_INT8_ROWS and torch.compiler.is_compiling()
+                and (rows == 1 or x.dtype == torch.float32)):
+            # Inductor fuses the broadcast and the reduction into one pass over the int8 weight per row;
+            # eagerly this would materialise a rows x N x K product.
+            xf = x.reshape(-1, 1, self.in_features).float()
+            y = ((xf * self.qweight.float()).sum(-1) * self.scales.float()).to(x.dtype)
         elif rows <= MAX_INT8_ROWS and x.dtype == torch.bfloat16:
             y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).contiguous(), self.qweight, self.scales)
         else:
