@@ -53,12 +53,14 @@ RESPONSE_FORMATS = {"json": {"type": "json_schema", "json_schema": {"name": "ben
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import WEIGHT_QUANT_HELP
     from .loader.dummy import SHAPES
     parser.add_argument("model", nargs="?", default=None,
                         help="HF folder, .gguf, or default model when omitted (omit with --random-weights)")
     parser.add_argument("--random-weights", default=None, choices=sorted(SHAPES), metavar="SHAPE",
                         help=f"random weights of a known model shape instead of a model ({', '.join(SHAPES)})")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--weight-quant", default=None, choices=["int8"], help=WEIGHT_QUANT_HELP)
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--dataset", default="uniform", choices=DATASETS,
                         help="request lengths: uniform in the ranges, or ShareGPT-like lognormal clipped to them")
@@ -126,11 +128,16 @@ def _open_pipeline(args):
                        max_prefill_token_num=args.max_prefill_token_num, session_len=getattr(args, "session_len", None),
                        enable_prefix_caching=getattr(args, "enable_prefix_caching", True),
                        load_format="dummy" if shape else "auto", tp=getattr(args, "tp", 1),
-                       distributed_executor_backend=getattr(args, "distributed_executor", "mp"))
+                       distributed_executor_backend=getattr(args, "distributed_executor", "mp"),
+                       weight_quant=getattr(args, "weight_quant", None))
     if getattr(args, "dp", 1) > 1:
         from .replicas import ReplicaSet
         return ReplicaSet(model, dp=args.dp, backend_config=cfg)
     return pipeline(model, cfg)
+
+
+def _weights_note(args) -> str:
+    return f" with {args.weight_quant} weights" if getattr(args, "weight_quant", None) else ""
 
 
 def _plain_vocab(tokenizer) -> List[int]:
@@ -264,7 +271,8 @@ def throughput(args) -> None:
     model = f"random weights, {args.random_weights} shape" if args.random_weights else model_dir
     print(f"model: {model}")
     print(f"workload: {len(workload)} requests ({lengths}), {num_in} prompt tokens, "
-          f"{sum(o for _, o in workload)} output tokens, EOS ignored; dtype {dtype}, device {device}")
+          f"{sum(o for _, o in workload)} output tokens, EOS ignored; dtype {dtype}{_weights_note(args)}, "
+          f"device {device}")
     print_host(device)
     if getattr(args, "tp", 1) > 1 or getattr(args, "dp", 1) > 1:
         print(f"parallelism: tp {args.tp} x dp {args.dp} ({args.tp * args.dp} model ranks, "
@@ -308,8 +316,10 @@ def throughput(args) -> None:
 
 
 def add_latency_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import WEIGHT_QUANT_HELP
     parser.add_argument("model", nargs="?", default=None)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--weight-quant", default=None, choices=["int8"], help=WEIGHT_QUANT_HELP)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
@@ -324,7 +334,8 @@ def latency(args) -> None:
     import statistics
     from .config import GenerationConfig
     pipe = _open_pipeline(argparse.Namespace(model=args.model, dtype=args.dtype, max_batch_size=8,
-                                             max_prefill_token_num=4096))
+                                             max_prefill_token_num=4096,
+                                             weight_quant=getattr(args, "weight_quant", None)))
     vocab = _plain_vocab(pipe.tokenizer)
     lengths = (args.input_len, args.input_len), (1, 1)
     prompts = [ids for ids, _ in make_workload(vocab, args.runs, *lengths, seed=0)]
@@ -345,7 +356,7 @@ def latency(args) -> None:
     after = pipe.stats()
     hits = after["num_prefix_hit_tokens"] - before["num_prefix_hit_tokens"]
     print(f"batch 1, {args.input_len}-token prompt (a new one each run), {args.output_len} new tokens, "
-          f"dtype {pipe.dtype}, device {pipe.device}, median of {args.runs}")
+          f"dtype {pipe.dtype}{_weights_note(args)}, device {pipe.device}, median of {args.runs}")
     print_host(pipe.device)
     print(f"lmwrap       : time to first token {statistics.median(ttfts) * 1e3:7.1f} ms   "
           f"decode {statistics.median(rates):7.1f} tok/s   ({hits} prompt tokens served by the prefix cache)")

@@ -10,11 +10,16 @@ def cmd_list(args) -> None:
     print("\n".join(list_chat_template_names()))
 
 
+WEIGHT_QUANT_HELP = ("int8: linear weights (LM head included) as per-channel int8 for decode at small batch, "
+                     "CPU only; prefill and larger batches use a dense copy of the dequantised weights")
+
+
 def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None,
                         help="HF folder, .gguf file or hub id in the local cache (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                         help="weights and KV cache dtype (auto: on CPU bf16 where the CPU has AVX-512 BF16 or AMX, else float32; on CUDA the model's own)")
+    parser.add_argument("--weight-quant", default=None, choices=["int8"], help=WEIGHT_QUANT_HELP)
     parser.add_argument("--chat-template", default=None, help="built-in template name (see `lmwrap list`)")
     parser.add_argument("--session-len", type=int, default=None,
                         help="most tokens one session may hold (default: the model's context length)")
@@ -25,7 +30,8 @@ def _open(args):
     from .config import PytorchEngineConfig
     from .pipeline import pipeline
     template = ChatTemplateConfig(model_name=args.chat_template) if args.chat_template else None
-    return pipeline(args.model, PytorchEngineConfig(dtype=args.dtype, session_len=args.session_len), template)
+    return pipeline(args.model, PytorchEngineConfig(dtype=args.dtype, session_len=args.session_len,
+                                                   weight_quant=args.weight_quant), template)
 
 
 def cmd_chat(args) -> None:
@@ -165,7 +171,8 @@ def cmd_api_server(args) -> None:
                   enable_prefix_caching=args.enable_prefix_caching, device_type=args.device,
                   max_sessions=args.max_sessions, session_idle_timeout=args.session_idle_timeout or None,
                   disable_vision_encoder=args.disable_vision_encoder,
-                  tp=args.tp, distributed_executor_backend=args.distributed_executor)
+                  tp=args.tp, distributed_executor_backend=args.distributed_executor,
+                  weight_quant=args.weight_quant)
     if args.backend == "pytorch":
         config = PytorchEngineConfig(block_size=args.cache_block_seq_len, max_batch_size=args.max_batch_size,
                                      **common)

@@ -8,6 +8,7 @@ LogitsProcessor = Callable[[Any, Any], Any]  # (token_ids: LongTensor[L], scores
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICE_TYPES = ("auto", "cuda", "cpu")
+WEIGHT_QUANTS = (None, "int8")
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -143,6 +144,7 @@ class EngineConfig:
     disable_vision_encoder: bool = False           # a vision-language model runs as its text model only
     tp: int = 1                                    # tensor-parallel ranks (worker processes when > 1)
     distributed_executor_backend: str = "mp"       # "mp": torch.multiprocessing workers; "ray": Ray actors
+    weight_quant: Optional[str] = None             # "int8": weight-only int8 linears (CPU)
 
     def __post_init__(self):
         _check(_is_int(self.tp) and self.tp >= 1, "tp", f"must be an int >= 1, got {self.tp!r}")
@@ -160,6 +162,8 @@ class EngineConfig:
         _check(self.num_gpu_blocks >= 0, "num_gpu_blocks", f"must be >= 0, got {self.num_gpu_blocks}")
         _check(self.max_prefill_token_num >= 1, "max_prefill_token_num", f"must be >= 1, got {self.max_prefill_token_num}")
         _check(self.quant_policy in (0, 8), "quant_policy", f"must be 0 or 8 (int8 KV), got {self.quant_policy}")
+        _check(self.weight_quant in WEIGHT_QUANTS, "weight_quant",
+               f"must be None or 'int8' (weight-only int8 linears, CPU), got {self.weight_quant!r}")
         if self.session_len is not None:
             _check(self.session_len >= 1, "session_len", f"must be >= 1, got {self.session_len}")
         _check(_is_int(self.max_sessions) and self.max_sessions >= 0, "max_sessions",
@@ -178,6 +182,8 @@ class PytorchEngineConfig:
     ``session_idle_timeout`` bound the sessions kept between turns (the longest idle is ended first).
     ``tp > 1`` splits the model over ``tp`` worker processes; ``distributed_executor_backend`` is
     ``'mp'`` (torch.multiprocessing, this machine) or ``'ray'`` (actors on a running Ray cluster).
+    ``weight_quant='int8'`` stores the linear weights (LM head included) as per-channel int8 for small
+    batches (CPU only; larger batches use a dense copy of the dequantised weights); None keeps them as loaded.
     Deviation from lmdeploy: ``enable_prefix_caching`` defaults to True (agents re-send their whole
     history each turn; the cache serves it); ``enable_prefix_caching=False`` turns it off.
     """
@@ -205,6 +211,7 @@ class PytorchEngineConfig:
     session_idle_timeout: Optional[float] = None
     disable_vision_encoder: bool = False
     distributed_executor_backend: str = "mp"
+    weight_quant: Optional[str] = None
 
     def to_engine_config(self) -> EngineConfig:
         _reject_unsupported(self, adapters=None, custom_module_map=None, prefill_interval=16,
@@ -218,7 +225,8 @@ class PytorchEngineConfig:
                             download_dir=self.download_dir, revision=self.revision,
                             max_sessions=self.max_sessions, session_idle_timeout=self.session_idle_timeout,
                             disable_vision_encoder=self.disable_vision_encoder,
-                            distributed_executor_backend=self.distributed_executor_backend)
+                            distributed_executor_backend=self.distributed_executor_backend,
+                            weight_quant=self.weight_quant)
 
 
 @dataclass
@@ -226,8 +234,8 @@ class TurbomindEngineConfig:
     """lmdeploy's TurboMind config; selects the same lmwrap engine (``cache_block_seq_len`` is the block size).
 
     A field set to a value the engine does not honour raises when the engine is built. Added by
-    lmwrap: ``max_sessions``, ``session_idle_timeout``, ``eager_mode``, ``distributed_executor_backend``
-    (as ``PytorchEngineConfig``'s).
+    lmwrap: ``max_sessions``, ``session_idle_timeout``, ``eager_mode``, ``distributed_executor_backend``,
+    ``weight_quant`` (as ``PytorchEngineConfig``'s).
     Deviation from lmdeploy: ``enable_prefix_caching`` defaults to True (as ``PytorchEngineConfig``'s);
     ``enable_prefix_caching=False`` turns it off.
     """
@@ -256,6 +264,7 @@ class TurbomindEngineConfig:
     session_idle_timeout: Optional[float] = None
     disable_vision_encoder: bool = False
     distributed_executor_backend: str = "mp"
+    weight_quant: Optional[str] = None
 
     def to_engine_config(self) -> EngineConfig:
         _reject_unsupported(self, rope_scaling_factor=0.0, use_logn_attn=False, cache_chunk_size=-1,
@@ -272,7 +281,8 @@ class TurbomindEngineConfig:
                             download_dir=self.download_dir, revision=self.revision,
                             max_sessions=self.max_sessions, session_idle_timeout=self.session_idle_timeout,
                             disable_vision_encoder=self.disable_vision_encoder,
-                            distributed_executor_backend=self.distributed_executor_backend)
+                            distributed_executor_backend=self.distributed_executor_backend,
+                            weight_quant=self.weight_quant)
 
 
 def _reject_unsupported(config, **defaults) -> None:

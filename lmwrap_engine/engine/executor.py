@@ -22,7 +22,7 @@ import torch
 from ..config import EngineConfig
 from ..models.config import ModelArgs
 from ..models.layers.linear import check_tp
-from .model_runner import resolve_device, resolve_dtype
+from .model_runner import check_weight_quant, resolve_device, resolve_dtype
 from .scheduler import ScheduledBatch
 from .worker import StepInput, worker_main
 
@@ -78,6 +78,7 @@ class ExecutorBase:
         self.device = resolve_device(config.device_type)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", 0)
+        check_weight_quant(config, self.device)  # before any rank starts
         self.dtype = resolve_dtype(config.dtype, self.args, self.device)
         self.session_len = config.session_len or self.args.max_position_embeddings
         self.block_size = config.block_size

@@ -12,6 +12,7 @@ from ..config import EngineConfig
 from ..loader.safetensors import iterate_weights
 from ..models.config import ModelArgs
 from ..models.layers.attention import PagedAttention
+from ..models.layers.int8_linear import convert_int8_linears
 from ..models.layers.quant_linear import convert_int4_linears, int4_pays_off
 from ..models.registry import build_model
 from .context import ForwardContext, StepContext
@@ -58,6 +59,18 @@ def use_physical_cores() -> None:
         torch.set_num_threads(physical_cores())
 
 
+def check_weight_quant(config: EngineConfig, device: torch.device) -> None:
+    """Raises ``NotImplementedError`` for a ``weight_quant`` this device / parallel layout has no kernels for."""
+    if config.weight_quant is None:
+        return
+    if device.type != "cpu":
+        raise NotImplementedError(f"weight_quant={config.weight_quant!r} is implemented for the CPU only, not "
+                                  f"{device.type}; leave weight_quant=None there")
+    if config.tp > 1:
+        raise NotImplementedError(f"weight_quant={config.weight_quant!r} is not implemented with tp > 1 "
+                                  f"(got tp={config.tp}); use tp=1 or weight_quant=None")
+
+
 def available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -77,6 +90,7 @@ class ModelRunner:
         if self.device.type == "cpu" and config.tp == 1:
             use_physical_cores()
         self.dtype = resolve_dtype(config.dtype, self.args, self.device)
+        check_weight_quant(config, self.device)
         self.args.disable_vision_encoder = config.disable_vision_encoder
         self.model = self._load_model(model_dir)
         self.step_context = StepContext()
@@ -124,6 +138,8 @@ class ModelRunner:
             if int4:
                 convert_int4_linears(model, self.dtype)
                 model = model.to(self.dtype)
+            if self.config.weight_quant == "int8":  # after int4: linears kept 4-bit are no nn.Linear any more
+                convert_int8_linears(model)
         return model.eval()
 
     def kv_bytes_per_token(self) -> int:
