@@ -91,7 +91,12 @@ class AsyncEngine:
             raise TypeError("chat_template_config must be a ChatTemplateConfig")
         self.chat_template = get_chat_template(model_path or self.model_dir, self.tokenizer, chat_template_config)
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
-        engine = LLMEngine(self.model_dir, self.engine_config, self.tokenizer)
+        def build() -> LLMEngine:
+            return LLMEngine(self.model_dir, self.engine_config, self.tokenizer)
+        # Single-process engines load on their own thread (EngineLoop says why); tensor-parallel ones
+        # start worker processes (and maybe Ray), which want the caller's thread.
+        self._loop = EngineLoop(build if self.engine_config.tp == 1 else build())
+        engine = self._loop.engine
         self.session_len = engine.session_len
         self.vocab_size = engine.runner.args.vocab_size
         self.model_args = engine.runner.args
@@ -99,7 +104,6 @@ class AsyncEngine:
         #: Where and how the model runs (read-only facts for logs and benchmarks).
         self.device, self.dtype = engine.runner.device, engine.runner.dtype
         self.num_blocks, self.block_size = engine.runner.num_blocks, engine.runner.block_size
-        self._loop = EngineLoop(engine)
         # One-off requests take ids far above the ones callers pick for their own sessions.
         self._session_ids = itertools.count(1 << 32)
 

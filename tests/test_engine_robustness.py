@@ -49,3 +49,33 @@ def test_bug_in_the_step_fails_everything_in_flight_and_the_engine_recovers(pipe
     ok(pipe)
     stats = pipe.stats()
     assert stats["num_free_blocks"] == stats["num_blocks"]
+
+
+def test_the_engine_is_built_on_its_own_thread_and_a_failed_build_raises_to_the_caller(tiny_model_dir):
+    """The thread that steps the engine also loads it (engine_loop.py says why); errors still reach the caller."""
+    import threading
+
+    from lmwrap_engine.async_engine import load_tokenizer
+    from lmwrap_engine.config import EngineConfig
+    from lmwrap_engine.engine.engine_loop import EngineLoop
+    from lmwrap_engine.engine.llm_engine import LLMEngine
+
+    path = tiny_model_dir()
+    builders = []
+
+    def build():
+        builders.append(threading.current_thread())
+        config = EngineConfig(dtype="float32", num_gpu_blocks=8, block_size=16, device_type="cpu")
+        return LLMEngine(path, config, load_tokenizer(path))
+
+    loop = EngineLoop(build)
+    try:
+        assert builders == [loop._thread] and loop._thread is not threading.current_thread()
+        assert loop.ask(lambda engine: engine is loop.engine and not engine.has_work()).result(timeout=60)
+    finally:
+        loop.close()
+
+    def broken():
+        raise ValueError("no such weights")
+    with pytest.raises(ValueError, match="no such weights"):
+        EngineLoop(broken)
