@@ -22,10 +22,10 @@ class EngineClosedError(RuntimeError):
 
 class EngineLoop:
     """Drives an engine on its own thread. Given a callable instead of an engine, it builds the engine
-    on that thread (and waits for it; what building raises is raised here): the thread that loads
-    the weights is the only one that has run torch's parallel CPU kernels, which keeps OpenMP from
-    counting a second, idle team on the same cores (libgomp then stops spinning between parallel
-    regions and every small op pays a sleep/wake: measured 1.6x slower CPU forwards)."""
+    on that thread (and waits for it; what building raises is raised here). Loading on the caller's
+    thread leaves that thread an idle OpenMP team, and with it the engine thread's CPU forwards
+    measured 1.6x slower (small ops ~2x; libgomp throttles its spin-wait when it manages more
+    threads than cores), so the thread that steps the engine is the one that loads it."""
 
     def __init__(self, engine: Union[LLMEngine, Callable[[], LLMEngine]]):
         self._inbox: "queue.SimpleQueue" = queue.SimpleQueue()
