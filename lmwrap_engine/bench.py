@@ -207,11 +207,6 @@ def run_transformers(model, workload, batch_size: int) -> Tuple[float, int]:
 
 
 
-def _cuda_available() -> bool:
-    import torch
-    return torch.cuda.is_available()
-
-
 def _synchronize(device) -> None:
     import torch
     if torch.device(device).type == "cuda":
@@ -413,5 +408,6 @@ def coldstart(args) -> None:
                              capture_output=True, text=True).stdout.split()
         results.append((float(out[0]), float(out[1])))
     load, first = min(results, key=lambda r: r[1])
-    print_host("cpu" if not _cuda_available() else "cuda")
+    import torch
+    print_host("cuda" if torch.cuda.is_available() else "cpu")
     print(f"cold start (best of {args.runs}): engine ready {load:.2f} s, first token {first:.2f} s after process start")

@@ -7,14 +7,15 @@ import logging
 import pytest
 import torch
 
-from tiny_models import assert_all_blocks_free, load_reference, reference_greedy, tiny_config
+from tiny_models import (assert_all_blocks_free, assert_compiled_decode_matches_eager, load_reference,
+                         reference_greedy, tiny_config)
 
 from kernels import reference
 from kernels.cpu_kv_cache import fill_kv_cache_padded
 from lmwrap_engine import GenerationConfig, pipeline
 from lmwrap_engine.engine import cpu_graphs
 from lmwrap_engine.engine.cpu_graphs import CompiledDecode
-from lmwrap_engine.engine.cuda_graph import DecodeGraphs, graph_batch_sizes
+from lmwrap_engine.engine.cuda_graph import graph_batch_sizes
 
 PROMPTS = ["hello world", "The capital of France is Paris. The capital of Italy is", "a",
            "def add(a, b):\n    return a + b\n# numbers 0 1 2 3 4 5 6 7 8 9", "Name three rivers:",
@@ -66,22 +67,7 @@ def test_compiled_decode_is_token_identical_to_transformers(tiny_model_dir):
 
 def test_compiled_logits_match_eager_logits(tiny_model_dir):
     with pipeline(tiny_model_dir("llama"), tiny_config(block_size=4)) as pipe:
-        runner = _runner(pipe)
-        compiled = runner.decode_graphs
-        eager = DecodeGraphs(runner.model, runner.step_context, 8, 16, runner.args.hidden_size, runner.dtype,
-                             runner.device, capture=False)
-        torch.manual_seed(0)
-        runner.k_cache.normal_()
-        runner.v_cache.normal_()
-        # Three sequences of 10, 4 and 7 tokens (block size 4); the step writes each one's last token.
-        step = dict(input_ids=[5, 7, 11], positions=[9, 3, 6], slots=[2 * 4 + 1, 5 * 4 + 3, 8 * 4 + 2],
-                    kv_lens=[10, 4, 7], block_tables=[[0, 1, 2], [5], [7, 8]])
-        want = runner.model.compute_logits(eager.run(**step))
-        got = compiled.run(**step)
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-        one = {key: value[:1] for key, value in step.items()}
-        torch.testing.assert_close(compiled.run(**one), want[:1], atol=1e-4, rtol=1e-4)
-        assert not compiled.failed
+        assert_compiled_decode_matches_eager(_runner(pipe))
 
 
 def test_padded_batches_through_the_compiled_step(tiny_model_dir):

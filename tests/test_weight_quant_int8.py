@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from tiny_models import load_reference, reference_greedy, tiny_config
+from tiny_models import assert_compiled_decode_matches_eager, load_reference, reference_greedy, tiny_config
 
 from lmwrap_engine import GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig, pipeline
 from lmwrap_engine.config import EngineConfig
@@ -199,22 +199,6 @@ def test_cli_weight_quant_flag(argv):
 def test_int8_compiled_logits_match_eager_logits(int8_pair, monkeypatch):
     """Logits of a compiled batch-3 and batch-1 decode step (the fused int8 reduction in fp32) against the
     eager step (the dense dequantised copy)."""
-    from lmwrap_engine.engine.cuda_graph import DecodeGraphs
     monkeypatch.setenv("LMWRAP_CPU_COMPILE", "1")
     with pipeline(int8_pair[0], tiny_config(weight_quant="int8", block_size=4)) as pipe:
-        runner = pipe._loop.engine.runner
-        compiled = runner.decode_graphs
-        eager = DecodeGraphs(runner.model, runner.step_context, 8, 16, runner.args.hidden_size, runner.dtype,
-                             runner.device, capture=False)
-        torch.manual_seed(0)
-        runner.k_cache.normal_()
-        runner.v_cache.normal_()
-        step = dict(input_ids=[5, 7, 11], positions=[9, 3, 6], slots=[2 * 4 + 1, 5 * 4 + 3, 8 * 4 + 2],
-                    kv_lens=[10, 4, 7], block_tables=[[0, 1, 2], [5], [7, 8]])
-        with torch.inference_mode():
-            want = runner.model.compute_logits(eager.run(**step))
-            got = compiled.run(**step)
-            one = compiled.run(**{key: value[:1] for key, value in step.items()})
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(one, want[:1], atol=1e-4, rtol=1e-4)
-        assert not compiled.failed
+        assert_compiled_decode_matches_eager(pipe._loop.engine.runner)

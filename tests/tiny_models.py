@@ -153,3 +153,24 @@ def tiny_config(**kwargs):
 def assert_all_blocks_free(pipe):
     stats = pipe.stats()
     assert stats["num_free_blocks"] == stats["num_blocks"], stats
+
+
+def assert_compiled_decode_matches_eager(runner, atol: float = 1e-4) -> None:
+    """A compiled decode step (batch 3, then batch 1) gives the eager step's logits over a random KV
+    cache: three sequences of 10, 4 and 7 tokens (block size 4), each step writing each one's last token."""
+    from lmwrap_engine.engine.cuda_graph import DecodeGraphs
+    compiled = runner.decode_graphs
+    eager = DecodeGraphs(runner.model, runner.step_context, 8, 16, runner.args.hidden_size, runner.dtype,
+                         runner.device, capture=False)
+    torch.manual_seed(0)
+    runner.k_cache.normal_()
+    runner.v_cache.normal_()
+    step = dict(input_ids=[5, 7, 11], positions=[9, 3, 6], slots=[2 * 4 + 1, 5 * 4 + 3, 8 * 4 + 2],
+                kv_lens=[10, 4, 7], block_tables=[[0, 1, 2], [5], [7, 8]])
+    with torch.inference_mode():
+        want = runner.model.compute_logits(eager.run(**step))
+        got = compiled.run(**step)
+        one = compiled.run(**{key: value[:1] for key, value in step.items()})
+    torch.testing.assert_close(got, want, atol=atol, rtol=atol)
+    torch.testing.assert_close(one, want[:1], atol=atol, rtol=atol)
+    assert not compiled.failed
