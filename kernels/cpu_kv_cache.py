@@ -5,16 +5,22 @@ copy of the whole layer cache per step; as a custom op that declares what it mut
 calls it in place. Inside, padding rows (slot < 0) are redirected rather than dropped (no boolean
 mask, no host sync): they write row 0's key/value to row 0's slot, a duplicate of row 0's own
 identical write. Invariant: row 0 is a real row (a padded batch is never all padding).
+
+The op is registered with ``torch.library.Library`` (the dispatcher calls the Python kernel directly)
+rather than ``torch.library.custom_op``, whose Python wrapper costs ~3x the write itself: measured on
+a 2-core AVX2 EPYC, one decode token's write, 140 us vs 45 us per layer call, x30 layers per step.
 """
 from __future__ import annotations
 
 import torch
 
+_lib = torch.library.Library("lmwrap", "FRAGMENT")
+_lib.define("fill_kv_cache_padded(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+            "Tensor slot_mapping) -> ()")
 
-@torch.library.custom_op("lmwrap::fill_kv_cache_padded", mutates_args=("k_cache", "v_cache"))
-def fill_kv_cache_padded(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         slot_mapping: torch.Tensor) -> None:
-    """Write ``k, v [T, Hk, D]`` into the paged caches at ``slot_mapping [T]`` (in place); slots < 0 write nothing."""
+
+def _fill_kv_cache_padded(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor) -> None:
     num_kv_heads, head_dim = k_cache.shape[-2], k_cache.shape[-1]
     slots = slot_mapping.long()
     pad = slots < 0
@@ -25,6 +31,15 @@ def fill_kv_cache_padded(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
 
 
-@fill_kv_cache_padded.register_fake
+_lib.impl("fill_kv_cache_padded", _fill_kv_cache_padded, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("lmwrap::fill_kv_cache_padded")
 def _(k, v, k_cache, v_cache, slot_mapping) -> None:
     return None
+
+
+def fill_kv_cache_padded(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor) -> None:
+    """Write ``k, v [T, Hk, D]`` into the paged caches at ``slot_mapping [T]`` (in place); slots < 0 write nothing."""
+    torch.ops.lmwrap.fill_kv_cache_padded(k, v, k_cache, v_cache, slot_mapping)

@@ -7,11 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from tiny_models import load_reference, reference_greedy
+from tiny_models import assert_compiled_decode_matches_eager, load_reference, reference_greedy
 
 from lmwrap_engine import GenerationConfig, PytorchEngineConfig, pipeline
 from lmwrap_engine.config import EngineConfig
+from lmwrap_engine.engine import model_runner
 from lmwrap_engine.engine.model_runner import ModelRunner
+from lmwrap_engine.models.layers.bf16_decode_linear import MAX_BF16_ROWS, Bf16DecodeLinear, convert_bf16_decode_linears
 from lmwrap_engine.models.layers.quant_linear import Int4Linear, convert_int4_linears, find_int4_lattice
 from test_engine_parity import run_prefill_logits
 
@@ -167,3 +169,89 @@ def test_bench_compare_llama_cpp_runs_on_the_same_gguf(q4_1_gguf, tmp_path):
     assert line.startswith("llama.cpp    : time to first token") and "tiny.Q4_1.gguf" in line, line
     line = bench_llamacpp.throughput(q4_1_gguf, [(list(range(3, 20)), 5), (list(range(9, 40)), 3)], 1)
     assert "output tok/s" in line, line
+
+
+def test_bf16_decode_linear_serves_small_calls_from_its_bf16_copy():
+    torch.manual_seed(0)
+    emb = nn.Embedding(64, 32)
+    head = nn.Linear(32, 64, bias=False)
+    head.weight = emb.weight
+    model = nn.ModuleDict(dict(emb=emb, head=head, other=nn.Linear(32, 16)))
+    assert convert_bf16_decode_linears(model) == 2
+    assert isinstance(model["head"], Bf16DecodeLinear) and model["head"].weight is model["emb"].weight
+    other = model["other"]
+    for rows in (1, MAX_BF16_ROWS, MAX_BF16_ROWS + 1, 9):
+        x = torch.randn(rows, 32)
+        got = other(x)
+        assert got.dtype == torch.float32
+        if rows <= MAX_BF16_ROWS:
+            bf16 = nn.functional.linear(x.bfloat16(), other.weight.bfloat16()).float() + other.bias
+            torch.testing.assert_close(got, bf16, atol=0, rtol=0)
+            torch.testing.assert_close(got, nn.functional.linear(x, other.weight, other.bias), atol=0.05, rtol=0)
+        else:
+            torch.testing.assert_close(got, nn.functional.linear(x, other.weight, other.bias), atol=0, rtol=0)
+
+
+@pytest.fixture
+def no_fast_bf16(monkeypatch):
+    """The engine sees a CPU without AVX-512 BF16 / AMX (an AVX2-only machine)."""
+    monkeypatch.setattr(model_runner, "cpu_has_fast_bf16", lambda: False)
+
+
+def _mixed_runner(path):
+    runner = _runner(path, "auto")
+    assert runner.dtype == torch.float32 and runner.small_batch_dtype == torch.bfloat16
+    return runner
+
+
+def test_auto_without_fast_bf16_is_fp32_with_bf16_small_batches(q4_model_dir, no_fast_bf16):
+    """``auto`` on an AVX2-only CPU: an fp32 model whose 4-bit layers keep their 4-bit kernel (bf16
+    activations) and whose other linears (the LM head) get a bf16 copy, both for calls of few rows.
+    Prefill is exactly fp32; decode steps are close to it; ``float32`` asked for explicitly is exact."""
+    runner = _mixed_runner(q4_model_dir)
+    int4 = [m for m in runner.model.modules() if isinstance(m, Int4Linear)]
+    assert len(int4) == 8
+    assert all(m.kernel_dtype == torch.bfloat16 and m.scales_zeros.dtype == torch.bfloat16
+               and m.weight.dtype == torch.float32 for m in int4)
+    assert isinstance(runner.model.lm_head, Bf16DecodeLinear)
+    exact = _runner(q4_model_dir, "float32")
+    assert exact.small_batch_dtype == torch.float32 and _int4_count(exact) == 0
+    assert not any(isinstance(m, Bf16DecodeLinear) for m in exact.model.modules())
+    ids = list(range(3, 40))
+    full = run_prefill_logits(exact, ids, [len(ids)])
+    torch.testing.assert_close(run_prefill_logits(runner, ids, [len(ids)]), full, atol=2e-4, rtol=1e-4)
+    decoded = run_prefill_logits(runner, ids, [30] + [1] * 7)
+    torch.testing.assert_close(decoded, full, atol=0.1, rtol=0)
+    assert not torch.equal(decoded[30:], full[30:])  # the decode steps did take the bf16 kernels
+
+
+def _greedy_up_to_a_near_tie(ref, ids, n, margin):
+    """transformers' greedy tokens after ``ids``, cut before the first step whose top two logits lie
+    within ``margin`` (there bf16 rounding may rightly pick the other one, and the texts part)."""
+    seq = reference_greedy(ref, ids, n)
+    with torch.no_grad():
+        top = ref(torch.tensor([seq])).logits[0, len(ids) - 1:-1].topk(2, -1).values
+    gaps = (top[:, 0] - top[:, 1]).tolist()
+    cut = next((i for i, gap in enumerate(gaps) if gap < margin), n)
+    return seq[len(ids):len(ids) + cut]
+
+
+def test_auto_without_fast_bf16_greedy_matches_transformers_fp32(q4_model_dir, no_fast_bf16):
+    """Greedy parity with transformers in fp32 up to the first near-tie (bf16 decode moves this model's
+    logits by up to ~0.03; its top two often lie closer, hence the cuts)."""
+    ref = load_reference(q4_model_dir)
+    prompts = [list(range(start, start + length)) for start, length in ((3, 17), (50, 40), (100, 30), (20, 9), (150, 60))]
+    want = [_greedy_up_to_a_near_tie(ref, ids, 12, margin=0.05) for ids in prompts]
+    assert sum(len(w) for w in want) >= 8, want  # enough tokens to make the check mean something
+    with pipeline(q4_model_dir, PytorchEngineConfig(num_gpu_blocks=32, block_size=16)) as pipe:
+        assert pipe._loop.engine.runner.small_batch_dtype == torch.bfloat16
+        got = [[t for d in pipe.stream_generate(input_ids=ids, gen_config=GenerationConfig(
+            max_new_tokens=12, ignore_eos=True)) for t in d.token_ids] for ids in prompts]
+    assert [g[:len(w)] for g, w in zip(got, want)] == want
+
+
+def test_auto_without_fast_bf16_compiled_decode_matches_eager(q4_model_dir, no_fast_bf16, monkeypatch):
+    monkeypatch.setenv("LMWRAP_CPU_COMPILE", "1")
+    runner = ModelRunner(q4_model_dir, EngineConfig(num_gpu_blocks=16, block_size=4, device_type="cpu"))
+    assert runner.small_batch_dtype == torch.bfloat16
+    assert_compiled_decode_matches_eager(runner, atol=2e-2)

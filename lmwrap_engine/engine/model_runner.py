@@ -13,6 +13,7 @@ from ..loader.safetensors import iterate_weights
 from ..models.config import ModelArgs
 from ..models.layers.attention import PagedAttention
 from ..models.layers.int8_linear import convert_int8_linears
+from ..models.layers.bf16_decode_linear import convert_bf16_decode_linears
 from ..models.layers.quant_linear import convert_int4_linears, int4_pays_off
 from ..models.registry import build_model
 from .context import ForwardContext, StepContext
@@ -49,6 +50,16 @@ def resolve_dtype(dtype: str, args: ModelArgs, device: torch.device) -> torch.dt
     if device.type == "cpu":
         return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     return _DTYPES.get(str(args.dtype).replace("torch.", ""), torch.bfloat16)
+
+
+def small_batch_dtype(requested: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """What linears compute in for calls of a few rows (decode): ``dtype``, except under ``'auto'`` on a CPU
+    that fell back to fp32 for want of fast bf16, where bf16 weights and activations serve them (decode
+    reads every weight each step; torch's bf16 matrix-vector kernels are fast on AVX2 too, its bf16
+    matrix products are not, so prefill and larger batches stay fp32)."""
+    if requested == "auto" and device.type == "cpu" and dtype == torch.float32:
+        return torch.bfloat16
+    return dtype
 
 
 def use_physical_cores() -> None:
@@ -90,6 +101,7 @@ class ModelRunner:
         if self.device.type == "cpu" and config.tp == 1:
             use_physical_cores()
         self.dtype = resolve_dtype(config.dtype, self.args, self.device)
+        self.small_batch_dtype = small_batch_dtype(config.dtype, self.dtype, self.device)
         check_weight_quant(config, self.device)
         self.args.disable_vision_encoder = config.disable_vision_encoder
         self.model = self._load_model(model_dir)
@@ -120,9 +132,9 @@ class ModelRunner:
         return graphs
 
     def _load_model(self, model_dir: str) -> torch.nn.Module:
-        # A float32 checkpoint headed for CPU bf16 (a converted GGUF) loads in fp32 first, so that
-        # 4-bit weights are recognised before bf16 rounding blurs them (quant_linear.py).
-        int4 = (self.config.load_format != "dummy" and int4_pays_off(self.device, self.dtype)
+        # A float32 checkpoint (a converted GGUF) loads in fp32 first, so that 4-bit weights are
+        # recognised before bf16 rounding blurs them (quant_linear.py).
+        int4 = (self.config.load_format != "dummy" and int4_pays_off(self.device, self.small_batch_dtype)
                 and str(self.args.dtype).replace("torch.", "") == "float32")
         with torch.device("meta"):
             model = build_model(self.args)
@@ -136,10 +148,14 @@ class ModelRunner:
                 # tp > 1: each rank reads only its slices of the checkpoint
                 model.load_weights(iterate_weights(model_dir, lazy=self.args.tp_size > 1))
             if int4:
-                convert_int4_linears(model, self.dtype)
-                model = model.to(self.dtype)
-            if self.config.weight_quant == "int8":  # after int4: linears kept 4-bit are no nn.Linear any more
+                convert_int4_linears(model, self.dtype, self.small_batch_dtype)
+                if self.dtype != torch.float32:  # (.to would also turn the 4-bit kernel's bf16 scales to fp32)
+                    model = model.to(self.dtype)
+            # after int4: linears kept 4-bit are no nn.Linear any more
+            if self.config.weight_quant == "int8":
                 convert_int8_linears(model)
+            elif self.small_batch_dtype != self.dtype:
+                convert_bf16_decode_linears(model)
         return model.eval()
 
     def kv_bytes_per_token(self) -> int:

@@ -12,6 +12,10 @@ The 4-bit weights feed torch's ``_weight_int4pack_mm_for_cpu`` (torch's ``w = (q
 layout, so ``zero = m + 8 d``), which reads a quarter of the bf16 bytes per token: decode at small
 batch is bound by the bytes it reads. Larger batches (prefill, batched decode) are compute-bound, and
 there the dense bf16 matmul wins, so the module keeps both (1.28x the bf16 weight bytes).
+
+In an fp32 model (``dtype='auto'`` on a CPU without fast bf16) the 4-bit kernel still takes bf16
+activations (``kernel_dtype``): torch's kernel is fast for bf16 input on AVX2 too, and 8x slower for fp32
+input. Only the activations entering the kernel are rounded; the weights are exactly the file's.
 """
 from __future__ import annotations
 
@@ -71,8 +75,10 @@ class Int4Linear(nn.Module):
     """``y = x @ W.T (+ bias)`` with ``W`` held as packed 4-bit groups for small batches (CPU only)."""
 
     def __init__(self, q: torch.Tensor, step: torch.Tensor, minimum: torch.Tensor, weight: torch.Tensor,
-                 bias: Optional[torch.Tensor], dtype: torch.dtype, group_size: int = GROUP_SIZE):
+                 bias: Optional[torch.Tensor], dtype: torch.dtype, group_size: int = GROUP_SIZE,
+                 kernel_dtype: Optional[torch.dtype] = None):
         super().__init__()
+        self.kernel_dtype = kernel_dtype or dtype  # what the 4-bit kernel computes in (input, scales, output)
         # The dense copy serves batches of more than MAX_INT4_ROWS rows (prefill, batched decode),
         # where the dense matmul is faster than unpacking 4-bit groups.
         self.weight = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
@@ -80,7 +86,7 @@ class Int4Linear(nn.Module):
         self.out_features = q.shape[0]
         self.group_size = group_size
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), _INNER_K_TILES)
-        scales_zeros = torch.stack([step, minimum + 8 * step], -1).transpose(0, 1).contiguous().to(dtype)
+        scales_zeros = torch.stack([step, minimum + 8 * step], -1).transpose(0, 1).contiguous().to(self.kernel_dtype)
         self.register_buffer("packed_weight", packed, persistent=False)
         self.register_buffer("scales_zeros", scales_zeros, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
@@ -89,25 +95,28 @@ class Int4Linear(nn.Module):
         shape = x.shape
         if x.numel() > MAX_INT4_ROWS * shape[-1]:
             return nn.functional.linear(x, self.weight, self.bias)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).contiguous(), self.packed_weight,
-                                                       self.group_size, self.scales_zeros)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(self.kernel_dtype).contiguous(),
+                                                       self.packed_weight, self.group_size, self.scales_zeros).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"kernel_dtype={self.kernel_dtype}")
 
 
-def int4_pays_off(device: torch.device, dtype: torch.dtype) -> bool:
-    """Where the packed kernel beats a dense matmul: CPU in bf16. (In fp32 torch's CPU kernel is many
-    times slower than a dense fp32 matmul, measured; CUDA has its own layout.) ``LMWRAP_INT4=0`` turns it off."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and os.environ.get("LMWRAP_INT4", "1") != "0"
+def int4_pays_off(device: torch.device, kernel_dtype: torch.dtype) -> bool:
+    """Where the packed kernel beats a dense matmul: CPU with bf16 activations. (With fp32 input torch's
+    CPU kernel is many times slower than a dense fp32 matmul, measured; CUDA has its own layout.)
+    ``LMWRAP_INT4=0`` turns it off."""
+    return device.type == "cpu" and kernel_dtype == torch.bfloat16 and os.environ.get("LMWRAP_INT4", "1") != "0"
 
 
-def convert_int4_linears(model: nn.Module, dtype: torch.dtype) -> int:
+def convert_int4_linears(model: nn.Module, dtype: torch.dtype, kernel_dtype: Optional[torch.dtype] = None) -> int:
     """Swap every ``nn.Linear`` whose weight lies on a 4-bit group lattice for an :class:`Int4Linear`
-    (in place). Linears whose weight is shared (tied embeddings) are left alone. Returns how many."""
+    (in place), its dense copy in ``dtype``, its 4-bit kernel in ``kernel_dtype`` (default ``dtype``).
+    Linears whose weight is shared (tied embeddings) are left alone. Returns how many."""
     counts = {}
     for p in _all_params(model):
         counts[id(p)] = counts.get(id(p), 0) + 1
@@ -119,7 +128,7 @@ def convert_int4_linears(model: nn.Module, dtype: torch.dtype) -> int:
             continue
         lattice = find_int4_lattice(module.weight)
         if lattice is not None:
-            swaps.append((name, Int4Linear(*lattice, module.weight, module.bias, dtype)))
+            swaps.append((name, Int4Linear(*lattice, module.weight, module.bias, dtype, kernel_dtype=kernel_dtype)))
     for name, new in swaps:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
