@@ -103,6 +103,9 @@ class AsyncEngine:
         self._vision_processor = None
         #: Where and how the model runs (read-only facts for logs and benchmarks).
         self.device, self.dtype = engine.runner.device, engine.runner.dtype
+        #: What linears compute in for calls of a few rows (decode): bf16 under ``dtype='auto'`` on a CPU
+        #: without fast bf16, where the model itself is fp32 (``model_runner.small_batch_dtype``).
+        self.small_batch_dtype = getattr(engine.runner, "small_batch_dtype", self.dtype)
         self.num_blocks, self.block_size = engine.runner.num_blocks, engine.runner.block_size
         # One-off requests take ids far above the ones callers pick for their own sessions.
         self._session_ids = itertools.count(1 << 32)

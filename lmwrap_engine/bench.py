@@ -136,8 +136,13 @@ def _open_pipeline(args):
     return pipeline(model, cfg)
 
 
-def _weights_note(args) -> str:
-    return f" with {args.weight_quant} weights" if getattr(args, "weight_quant", None) else ""
+def _weights_note(args, pipe) -> str:
+    note = f" with {args.weight_quant} weights" if getattr(args, "weight_quant", None) else ""
+    small = getattr(pipe, "small_batch_dtype", pipe.dtype)
+    if small != pipe.dtype:
+        from .models.layers.bf16_decode_linear import MAX_BF16_ROWS
+        note += f" ({str(small).replace('torch.', '')} kernels for calls of up to {MAX_BF16_ROWS} rows)"
+    return note
 
 
 def _plain_vocab(tokenizer) -> List[int]:
@@ -266,7 +271,7 @@ def throughput(args) -> None:
     model = f"random weights, {args.random_weights} shape" if args.random_weights else model_dir
     print(f"model: {model}")
     print(f"workload: {len(workload)} requests ({lengths}), {num_in} prompt tokens, "
-          f"{sum(o for _, o in workload)} output tokens, EOS ignored; dtype {dtype}{_weights_note(args)}, "
+          f"{sum(o for _, o in workload)} output tokens, EOS ignored; dtype {dtype}{_weights_note(args, pipe)}, "
           f"device {device}")
     print_host(device)
     if getattr(args, "tp", 1) > 1 or getattr(args, "dp", 1) > 1:
@@ -351,7 +356,7 @@ def latency(args) -> None:
     after = pipe.stats()
     hits = after["num_prefix_hit_tokens"] - before["num_prefix_hit_tokens"]
     print(f"batch 1, {args.input_len}-token prompt (a new one each run), {args.output_len} new tokens, "
-          f"dtype {pipe.dtype}{_weights_note(args)}, device {pipe.device}, median of {args.runs}")
+          f"dtype {pipe.dtype}{_weights_note(args, pipe)}, device {pipe.device}, median of {args.runs}")
     print_host(pipe.device)
     print(f"lmwrap       : time to first token {statistics.median(ttfts) * 1e3:7.1f} ms   "
           f"decode {statistics.median(rates):7.1f} tok/s   ({hits} prompt tokens served by the prefix cache)")

@@ -69,6 +69,28 @@ def test_int8_linear_compiled_matches(dtype, atol):
         torch.testing.assert_close(got.float(), want, atol=atol, rtol=0)
 
 
+def test_int8_linear_in_an_fp32_model_with_bf16_small_batches():
+    """``auto`` on a CPU without fast bf16: calls of few rows take int8pack on bf16 activations, larger
+    ones the dense fp32 copy, exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 48))
+    assert convert_int8_linears(model, torch.bfloat16) == 1
+    layer = model[0]
+    assert layer.weight.dtype == torch.float32 and layer.scales.dtype == torch.bfloat16
+    for rows in (1, MAX_INT8_ROWS, MAX_INT8_ROWS + 1):
+        x = torch.randn(rows, 128)
+        dense = nn.functional.linear(x, layer.weight, layer.bias)
+        with torch.inference_mode():
+            got = layer(x)
+        assert got.dtype == torch.float32
+        if rows <= MAX_INT8_ROWS:
+            bf16 = torch._weight_int8pack_mm(x.bfloat16(), layer.qweight, layer.scales).float() + layer.bias
+            torch.testing.assert_close(got, bf16, atol=0, rtol=0)
+            torch.testing.assert_close(got, dense, atol=0.05, rtol=0)
+        else:
+            torch.testing.assert_close(got, dense, atol=0, rtol=0)
+
+
 def test_tied_head_and_embedding_share_the_dequantised_table():
     emb = nn.Embedding(64, 32)
     head = nn.Linear(32, 64, bias=False)

@@ -153,7 +153,7 @@ class ModelRunner:
                     model = model.to(self.dtype)
             # after int4: linears kept 4-bit are no nn.Linear any more
             if self.config.weight_quant == "int8":
-                convert_int8_linears(model)
+                convert_int8_linears(model, self.small_batch_dtype)
             elif self.small_batch_dtype != self.dtype:
                 convert_bf16_decode_linears(model)
         return model.eval()
