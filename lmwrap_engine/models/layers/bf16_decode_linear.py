@@ -2,13 +2,13 @@
 without fast bf16 (AVX2 only).
 
 There ``auto`` keeps the model in fp32: torch emulates bf16 matrix products there, so prefill and
-large batches would be many times slower in bf16. Decode at a few rows is bound by the bytes of
+large batches would be slower in bf16 (3.8x at 32 rows, below). Decode at a few rows is bound by the bytes of
 weights it reads instead, and torch's bf16 matrix-vector kernels are fast on AVX2. So each dense
 linear (the LM head included, tied or not) keeps a bf16 copy of its weight and uses it, with bf16
 activations and an fp32 result, for calls of up to ``MAX_BF16_ROWS`` rows; larger calls use the fp32
 weight. Measured on a 2-core AVX2-only EPYC, 2 threads, SmolLM2-135M shapes, weights from memory
 (30 layers / LM head): 1 row 18.0 / 4.1 ms vs fp32 48.4 / 13.7; 4 rows 60.6 / 15.7 vs 90.3 / 31.7;
-8 rows 105.5 / 26.3 vs 69.9 / 28.9. The copy costs half the fp32 weight bytes again.
+8 rows 105.5 / 26.3 vs 69.9 / 28.9; 32 rows 453.5 / 133.1 vs 119.7 / 63.9. The copy costs half the fp32 weight bytes again.
 
 Small batches then compute with bf16-rounded weights and activations, the precision of ``auto`` on a
 bf16 CPU; ``dtype='float32'`` keeps every call in fp32.

@@ -21,9 +21,10 @@ compare within a line):
   37.1 / 8.8; 8 rows 37.8 / 13.3 vs 42.7 / 10.3; 16 rows 63.7 / 24.1 vs 50.5 / 12.5.
 - an fp32 model with bf16 small-batch kernels (``dtype='auto'`` on a CPU without fast bf16, see
   ``bf16_decode_linear.py``), up to ``MAX_INT8_ROWS`` rows: ``_weight_int8pack_mm`` on bf16 activations
-  (bf16 scales), compiled or not. On a 2-core AVX2-only EPYC the fused fp32 reduction above ran batch-1
-  decode at 4.9 tok/s against 33-40 for the default bf16 kernels (`bench latency`), and int8pack on bf16
-  took the LM head in 3.9 ms against 13.7 for dense fp32.
+  (bf16 scales), compiled or not. On a 2-core AVX2-only EPYC (``bench latency --weight-quant int8``) the
+  fused fp32 reduction above ran batch-1 decode at 4.9 tok/s, int8pack on bf16 at 26.6 (in a slower hour,
+  when the run without int8 gave 28.7); int8pack on bf16 takes the LM head in 3.9 ms against 13.7 for
+  dense fp32.
 - everything else: a dense copy of the dequantised weight. Torch's fp32 int8 kernel is 3x slower than
   a dense fp32 matmul (1 row, 30 layers: 131 ms vs 43 ms), and dequantising per call instead of keeping
   the copy costs 1.3x (64 rows: 128 ms vs 100 ms) to 1.1x (256 rows) on the layers and 4x on the LM head
