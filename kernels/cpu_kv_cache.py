@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import torch
 
-_lib = torch.library.Library("lmwrap", "FRAGMENT")
-_lib.define("fill_kv_cache_padded(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-            "Tensor slot_mapping) -> ()")
-
 
 def _fill_kv_cache_padded(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           slot_mapping: torch.Tensor) -> None:
@@ -31,12 +27,19 @@ def _fill_kv_cache_padded(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tenso
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
 
 
-_lib.impl("fill_kv_cache_padded", _fill_kv_cache_padded, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("lmwrap::fill_kv_cache_padded")
-def _(k, v, k_cache, v_cache, slot_mapping) -> None:
+def _fake(k, v, k_cache, v_cache, slot_mapping) -> None:
     return None
+
+
+# Registered once per process: a second execution of this module (dropped from sys.modules and imported
+# again) finds the op in place. The dispatcher keeps the first registration's kernel, and through its
+# globals the Library, alive.
+if not hasattr(torch.ops.lmwrap, "fill_kv_cache_padded"):
+    _lib = torch.library.Library("lmwrap", "FRAGMENT")
+    _lib.define("fill_kv_cache_padded(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+                "Tensor slot_mapping) -> ()")
+    _lib.impl("fill_kv_cache_padded", _fill_kv_cache_padded, "CompositeExplicitAutograd")
+    torch.library.register_fake("lmwrap::fill_kv_cache_padded", _fake, lib=_lib)
 
 
 def fill_kv_cache_padded(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -43,7 +43,7 @@ class ReplicaSet:
             raise
         first = self.replicas[0]
         for name in ("model_name", "model_path", "model_dir", "tokenizer", "chat_template", "eos_token_ids",
-                     "session_len", "vocab_size", "device", "dtype", "small_batch_dtype", "num_blocks", "block_size", "engine_config",
+                     "session_len", "vocab_size", "device", "dtype", "num_blocks", "block_size", "engine_config",
                      "max_log_len"):
             setattr(self, name, getattr(first, name))
         self.outstanding = [0] * dp          # requests submitted to each replica and not yet finished
