@@ -149,8 +149,7 @@ class ModelRunner:
                 model.load_weights(iterate_weights(model_dir, lazy=self.args.tp_size > 1))
             if int4:
                 convert_int4_linears(model, self.dtype, self.small_batch_dtype)
-                if self.dtype != torch.float32:  # (.to would also turn the 4-bit kernel's bf16 scales to fp32)
-                    model = model.to(self.dtype)
+                model = model.to(self.dtype)  # (the 4-bit kernel's scales keep their dtype)
             # after int4: linears kept 4-bit are no nn.Linear any more
             if self.config.weight_quant == "int8":
                 convert_int8_linears(model, self.small_batch_dtype)

@@ -15,15 +15,11 @@ bf16 CPU; ``dtype='float32'`` keeps every call in fp32.
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant_linear import MAX_INT4_ROWS, _plain_forward
-
-logger = logging.getLogger("lmwrap_engine")
+from .quant_linear import MAX_INT4_ROWS, replace_linears
 
 # The 4-bit layers' limit, so that the compiled decode step keeps its three programs (1, 2..4, more).
 MAX_BF16_ROWS = MAX_INT4_ROWS
@@ -54,11 +50,4 @@ class Bf16DecodeLinear(nn.Module):
 def convert_bf16_decode_linears(model: nn.Module) -> int:
     """Swap every plain ``nn.Linear`` (the LM head included) for a :class:`Bf16DecodeLinear`, in place.
     Modules that are not ``nn.Linear`` (an :class:`~.quant_linear.Int4Linear`) stay. Returns how many."""
-    swaps = [(name, module) for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and _plain_forward(module)]
-    for name, module in swaps:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, Bf16DecodeLinear(module))
-    if swaps:
-        logger.info("bf16 decode weights: %d linears", len(swaps))
-    return len(swaps)
+    return replace_linears(model, Bf16DecodeLinear, "bf16 decode weights")

@@ -33,16 +33,13 @@ compare within a line):
 """
 from __future__ import annotations
 
-import logging
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant_linear import _plain_forward
-
-logger = logging.getLogger("lmwrap_engine")
+from .quant_linear import replace_linears
 
 # Rows up to which _weight_int8pack_mm beats the dense bf16 matmul (see the module docstring: the
 # layers win up to 8 rows, the LM head up to 4). The same limit as MAX_INT4_ROWS keeps the compiled
@@ -120,12 +117,5 @@ def convert_int8_linears(model: nn.Module, small_batch_dtype: Optional[torch.dty
     included, tied or not) for an :class:`Int8Linear`, in place. Modules that are not ``nn.Linear``
     (an :class:`~.quant_linear.Int4Linear`) stay as they are. ``small_batch_dtype``: bf16 in an fp32 model
     whose calls of few rows run bf16 kernels. Returns how many were swapped."""
-    swaps = [(name, module) for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and _plain_forward(module)]
-    for name, module in swaps:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child,
-                Int8Linear.from_linear(module, small_batch_dtype))
-    if swaps:
-        logger.info("weight-only int8: %d linears", len(swaps))
-    return len(swaps)
+    return replace_linears(model, lambda linear: Int8Linear.from_linear(linear, small_batch_dtype),
+                           "weight-only int8")

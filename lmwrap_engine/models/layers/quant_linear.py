@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -101,6 +101,13 @@ class Int4Linear(nn.Module):
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
 
+    def _apply(self, fn, recurse=True):
+        # ``model.to(dtype)`` casts the dense copy; the kernel's scales stay in its dtype (bf16 -> fp32 -> bf16
+        # is exact, so a round trip through another float dtype loses nothing).
+        super()._apply(fn, recurse)
+        self.scales_zeros = self.scales_zeros.to(self.kernel_dtype)
+        return self
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
                 f"kernel_dtype={self.kernel_dtype}")
@@ -120,20 +127,33 @@ def convert_int4_linears(model: nn.Module, dtype: torch.dtype, kernel_dtype: Opt
     counts = {}
     for p in _all_params(model):
         counts[id(p)] = counts.get(id(p), 0) + 1
+
+    def make(linear: nn.Linear) -> Optional[Int4Linear]:
+        if counts.get(id(linear.weight), 0) > 1:
+            return None
+        lattice = find_int4_lattice(linear.weight)
+        if lattice is None:
+            return None
+        return Int4Linear(*lattice, linear.weight, linear.bias, dtype, kernel_dtype=kernel_dtype)
+
+    return replace_linears(model, make, "weight-only int4 (linears kept 4-bit)")
+
+
+def replace_linears(model: nn.Module, make: Callable[[nn.Linear], Optional[nn.Module]], what: str) -> int:
+    """Swap each plain ``nn.Linear`` of ``model`` (tensor-parallel ones at ``tp_size == 1`` included) for
+    ``make(linear)``, in place; where ``make`` returns ``None`` the linear stays. Modules that are not
+    ``nn.Linear`` (one swapped earlier) are not offered. Logs ``what`` with the count; returns the count."""
     swaps = []
-    for name, module in model.named_modules():
-        if not (isinstance(module, nn.Linear) and _plain_forward(module)):
-            continue
-        if counts.get(id(module.weight), 0) > 1:
-            continue
-        lattice = find_int4_lattice(module.weight)
-        if lattice is not None:
-            swaps.append((name, Int4Linear(*lattice, module.weight, module.bias, dtype, kernel_dtype=kernel_dtype)))
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and _plain_forward(module):
+            new = make(module)
+            if new is not None:
+                swaps.append((name, new))
     for name, new in swaps:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     if swaps:
-        logger.info("weight-only int4: %d linears kept 4-bit", len(swaps))
+        logger.info("%s: %d linears", what, len(swaps))
     return len(swaps)
 
 
