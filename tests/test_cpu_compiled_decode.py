@@ -13,7 +13,7 @@ from tiny_models import (assert_all_blocks_free, assert_compiled_decode_matches_
 from kernels import reference
 from kernels.cpu_kv_cache import fill_kv_cache_padded
 from lmwrap_engine import GenerationConfig, pipeline
-from lmwrap_engine.engine import cpu_graphs
+from lmwrap_engine.engine import cpu_graphs, cpu_programs
 from lmwrap_engine.engine.cpu_graphs import CompiledDecode
 from lmwrap_engine.engine.cuda_graph import graph_batch_sizes
 
@@ -127,22 +127,75 @@ def test_switched_off(how, tiny_model_dir, monkeypatch):
         assert _runner(pipe).decode_graphs is None
 
 
-def test_a_failed_compile_warns_once_and_decodes_eagerly(tiny_model_dir, monkeypatch, caplog):
-    def no_compiler(fn, **kwargs):
-        def broken(*args):
-            raise RuntimeError("InductorError: no C++ compiler found")
-        return broken
+def _no_compiler(*args, **kwargs):
+    raise RuntimeError("InductorError: no C++ compiler found")
 
-    monkeypatch.setattr(cpu_graphs, "compiled_decode_logits", lambda: no_compiler(cpu_graphs._decode_logits))
+
+def _generate(pipe):
+    configs = [GenerationConfig(max_new_tokens=n, ignore_eos=True) for n in OUTPUT_LENS]
+    return [r.token_ids for r in pipe(PROMPTS, gen_config=configs, do_preprocess=False)]
+
+
+def test_a_failed_compile_warns_once_and_decodes_eagerly(tiny_model_dir, monkeypatch, caplog):
+    monkeypatch.setattr(cpu_programs, "load_or_compile", _no_compiler)
+    monkeypatch.setattr(cpu_graphs, "compiled_decode_logits", lambda: _no_compiler)
     path = tiny_model_dir("llama")
     ref = load_reference(path)
     with caplog.at_level(logging.WARNING, logger="lmwrap_engine"):
         with pipeline(path, tiny_config(block_size=4)) as pipe:
             graphs = _runner(pipe).decode_graphs
             assert graphs.failed
-            configs = [GenerationConfig(max_new_tokens=n, ignore_eos=True) for n in OUTPUT_LENS]
-            got = [r.token_ids for r in pipe(PROMPTS, gen_config=configs, do_preprocess=False)]
+            got = _generate(pipe)
             assert graphs.num_runs >= 10
     warnings = [r for r in caplog.records if "decoding eagerly" in r.getMessage()]
     assert len(warnings) == 1
     assert got == _expected(pipe, ref, PROMPTS, OUTPUT_LENS)
+
+
+def test_without_the_ahead_of_time_compile_torch_compile_serves(tiny_model_dir, monkeypatch, caplog):
+    """An older torch (no ``aot_compile``) or a model it cannot serialise: Dynamo's guarded programs instead."""
+    monkeypatch.setattr(cpu_programs, "load_or_compile", _no_compiler)
+    path = tiny_model_dir("llama")
+    ref = load_reference(path)
+    with caplog.at_level(logging.WARNING, logger="lmwrap_engine"):
+        with pipeline(path, tiny_config(block_size=4)) as pipe:
+            graphs = _runner(pipe).decode_graphs
+            got = _generate(pipe)
+            assert not graphs.failed and set(graphs.programs) == {"1", "2..4", ">4"}
+    assert any("using torch.compile" in r.getMessage() for r in caplog.records)
+    assert got == _expected(pipe, ref, PROMPTS, OUTPUT_LENS)
+
+
+def test_programs_are_saved_and_loaded_by_the_next_engine(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """The second engine of the same model loads every program from disk (no trace) and decodes the
+    same tokens; a model of another shape gets programs of its own; a damaged file is compiled over."""
+    monkeypatch.setenv("LMWRAP_CACHE", str(tmp_path))
+    path = tiny_model_dir("llama")
+    outputs, messages = [], []
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="lmwrap_engine"):
+            with pipeline(path, tiny_config(block_size=4), log_level="INFO") as pipe:
+                outputs.append(_generate(pipe))
+                assert set(_runner(pipe).decode_graphs.programs) == {"1", "2..4", ">4"}
+        messages.append([r.getMessage() for r in caplog.records if "the CPU decode step for batch" in r.getMessage()])
+    assert outputs[0] == outputs[1]
+    assert len(messages[0]) == 3 and all(m.startswith("compiled and saved") for m in messages[0])
+    assert len(messages[1]) == 3 and all(m.startswith("loaded") for m in messages[1])
+    files = sorted((tmp_path / "decode-programs").iterdir())
+    assert len(files) == 3
+
+    with pipeline(path, tiny_config(block_size=8)) as pipe:  # another KV cache shape: other programs
+        pipe("hello", gen_config=GenerationConfig(max_new_tokens=2, ignore_eos=True), do_preprocess=False)
+    assert len(list((tmp_path / "decode-programs").iterdir())) == 4
+
+    for f in files:
+        f.write_bytes(f.read_bytes()[:100])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lmwrap_engine"):
+        with pipeline(path, tiny_config(block_size=4)) as pipe:  # batch 1 only: one program compiled over
+            one = pipe(PROMPTS[0], gen_config=GenerationConfig(max_new_tokens=OUTPUT_LENS[0], ignore_eos=True),
+                       do_preprocess=False)
+    assert one.token_ids == outputs[0][0]
+    assert any("could not load the compiled decode program" in r.getMessage() for r in caplog.records)
+    assert sum(f.stat().st_size > 100 for f in files) == 1

@@ -9,9 +9,11 @@ cache in place over the step's block-table width; ``kernels/cpu_kv_cache.py`` wr
 Shapes: the batch and block-table width are dynamic, so few programs serve every step: batch 1,
 batches up to the int4 linears' row limit, and larger batches (the linears branch on the row
 count). The table is at least ``MIN_WIDTH`` blocks wide, as inductor specialises a size of 1.
-Compiled programs are cached on disk (inductor's FX graph and AOTAutograd caches, under
-``$LMWRAP_CACHE/inductor`` or ``~/.cache/lmwrap/inductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set),
-so a warm start only re-traces. If compiling fails (no C++ compiler, an inductor error) the
+Each program is compiled ahead of time and kept on disk whole (``cpu_programs.py``), so a warm start
+loads it in about a second and no step pays for Dynamo's guards; the kind is picked here instead. Where
+that fails (an older torch), ``torch.compile`` serves, with inductor's FX graph and AOTAutograd caches
+(under ``$LMWRAP_CACHE/inductor`` or ``~/.cache/lmwrap/inductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` is
+set), so that its warm start only re-traces. If compiling fails (no C++ compiler, an inductor error) the
 runner warns once and decodes eagerly. ``LMWRAP_CPU_COMPILE=0`` or ``eager_mode=True`` turn it off.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Optional
 import torch
 
 from ..config import EngineConfig
+from . import cpu_programs
 from .context import ForwardContext, StepContext
 from .cuda_graph import DecodeGraphs
 
@@ -66,18 +69,21 @@ def compiled_decode_logits():
 
 class CompiledDecode(DecodeGraphs):
     """Decode-only batches through fixed buffers (no padding: shapes are dynamic), run by a compiled
-    forward that returns fp32 logits. After a failed compile it runs eagerly for good."""
+    forward that returns fp32 logits: one program per kind of batch, kept on disk whole
+    (``cpu_programs.py``; ``torch.compile`` with Dynamo's guards where that fails). After a failed
+    compile it runs eagerly for good."""
 
     def __init__(self, model: torch.nn.Module, step_context: StepContext, max_batch_size: int,
-                 max_blocks_per_seq: int, hidden_size: int, dtype: torch.dtype, device: torch.device):
+                 max_blocks_per_seq: int, hidden_size: int, dtype: torch.dtype, device: torch.device,
+                 model_config: str = ""):
         super().__init__(model, step_context, max_batch_size, max(max_blocks_per_seq, MIN_WIDTH), hidden_size,
                          dtype, device, capture=False)
         self.batch_sizes = list(range(1, max_batch_size + 1))
         self.computes_logits = True
         self.failed = False
-        self._compiled_kinds = set()
+        self.model_config = model_config
+        self.programs = {}  # kind of batch -> compiled program
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()
-        self._compiled = compiled_decode_logits()
 
     def _traced_context(self, bs: int, width: int) -> ForwardContext:
         ctx = self._context(bs)
@@ -93,6 +99,22 @@ class CompiledDecode(DecodeGraphs):
         from ..models.layers.quant_linear import MAX_INT4_ROWS
         return "1" if bs == 1 else f"2..{MAX_INT4_ROWS}" if bs <= MAX_INT4_ROWS else f">{MAX_INT4_ROWS}"
 
+    def _program(self, kind: str, ids: torch.Tensor, pos: torch.Tensor):
+        """The kind's program: loaded from disk or compiled now (and saved), else ``torch.compile``'s."""
+        start = time.perf_counter()
+        try:
+            path = cpu_programs.program_path(self.model, self.model_config, kind)
+            program, loaded = cpu_programs.load_or_compile(_decode_logits, (self.model, ids, pos), path)
+            how = "loaded" if loaded else "compiled and saved"
+        except Exception as exc:  # an older torch, a model the ahead-of-time compile cannot serialise
+            logger.warning("compiling the CPU decode step ahead of time failed (%s: %s); using torch.compile",
+                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            program, how, path = compiled_decode_logits(), "compiled", os.environ["TORCHINDUCTOR_CACHE_DIR"]
+            program(self.model, ids, pos)  # compile now, inside the try of the caller
+        logger.info("%s the CPU decode step for batch %s in %.1f s (%s)", how, kind, time.perf_counter() - start,
+                    path)
+        return program
+
     def _forward(self, bs: int) -> torch.Tensor:
         if self.failed:
             return self.model.compute_logits(super()._forward(bs)[:bs])
@@ -102,27 +124,32 @@ class CompiledDecode(DecodeGraphs):
             torch._dynamo.mark_dynamic(pos, 0)
         ctx = self._traced_context(bs, max(self.width, MIN_WIDTH))
         kind = self._kind(bs)
-        start = time.perf_counter()
-        try:  # any call may compile: a new kind of batch, or a guard that failed
+        try:
             with self.step_context.use(ctx):
-                logits = self._compiled(self.model, ids, pos)
+                program = self.programs.get(kind)
+                if program is None:
+                    program = self.programs[kind] = self._program(kind, ids, pos)
+                return program(self.model, ids, pos)
         except Exception as exc:  # no compiler, an inductor error: decode eagerly from now on
             logger.warning("compiling the CPU decode step failed (%s: %s); decoding eagerly",
                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             self.failed = True
             return self._forward(bs)
-        if kind not in self._compiled_kinds:
-            self._compiled_kinds.add(kind)
-            logger.info("compiled the CPU decode step for batch %s in %.1f s (cache: %s)", kind,
-                        time.perf_counter() - start, os.environ["TORCHINDUCTOR_CACHE_DIR"])
-        return logits
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Compile (or load from the disk cache) the batch-1 program. Writes one token of KV into slot 0,
-        which no sequence holds yet at load time."""
-        step = dict(input_ids=[0], positions=[0], slots=[0], kv_lens=[1], block_tables=[[0]])
-        failed, self.failed = self.failed, True
-        self.run(**step)  # eagerly first: builds lazy tables (rotary cos/sin) that the trace must not see empty
-        self.failed = failed
-        self.run(**step)
+        """Compile (or load from disk) the batch-1 program. Writes one token of KV into slot 0, which no
+        sequence holds yet at load time."""
+        # One eager forward first, shaped as a one-token prefill (plain torch attention; an eager decode
+        # would first compile the eager path's own attention kernel, seconds): it builds the lazy tables
+        # (rotary cos/sin) that the trace must not see empty.
+        int32 = dict(dtype=torch.int32, device=self.input_ids.device)
+        zero = torch.zeros(1, **int32)
+        prefill = ForwardContext(slot_mapping=torch.zeros_like(self.input_ids[:1]), num_decode_tokens=0,
+                                 decode_block_tables=self.block_tables[:0], decode_kv_lens=zero[:0],
+                                 prefill_block_tables=zero.view(1, 1), prefill_cu_seqlens_q=torch.tensor([0, 1], **int32),
+                                 prefill_kv_lens=torch.ones(1, **int32))
+        if not self.failed:
+            with self.step_context.use(prefill):
+                self.model(torch.zeros_like(self.input_ids[:1]), torch.zeros_like(self.positions[:1]))
+        self.run(input_ids=[0], positions=[0], slots=[0], kv_lens=[1], block_tables=[[0]])

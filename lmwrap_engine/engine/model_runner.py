@@ -127,7 +127,7 @@ class ModelRunner:
         max_batch = min(self.config.max_batch_size, MAX_GRAPH_BATCH_SIZE)
         max_blocks = -(-min(self.session_len, MAX_GRAPH_CONTEXT) // self.block_size)
         graphs = CompiledDecode(self.model, self.step_context, max_batch, max_blocks, self.args.hidden_size,
-                                self.dtype, self.device)
+                                self.dtype, self.device, model_config=repr(self.args))
         graphs.warm_up()
         return graphs
 

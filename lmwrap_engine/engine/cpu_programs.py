@@ -1,0 +1,99 @@
+"""Compiled CPU decode programs kept on disk whole, so that a warm start does not trace the model again.
+
+``torch.compile``'s own caches (inductor's FX graph cache, AOTAutograd's) keep the generated code, but
+every new process still traces the model with Dynamo to find it: ~10 s for SmolLM2-135M's 30 layers on
+a 2-core EPYC, most of a warm start. torch's ahead-of-time compile (``torch.compile(fn).aot_compile``)
+gives a program that is saved whole (Dynamo's bytecode and the inductor code) and loads in about a
+second.
+
+A loaded program runs without Dynamo's guards (the checks of the shapes, dtypes and attributes it was
+traced under, run before every call): the caller picks the program by its own batch kind, and a file
+is only used by a model whose every traced-in fact matches its name, a digest of: torch, Python and
+the CPU's capability, lmwrap's source, the model's config, its module tree, and the shape, stride and
+dtype of every tensor its modules hold (the KV cache included), plus the caller's own ``kind``.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pathlib
+import sys
+from typing import Any, Callable, Tuple
+
+import torch
+
+logger = logging.getLogger("lmwrap_engine")
+
+_SOURCE_DIGEST = None
+
+
+def programs_dir() -> str:
+    """``$LMWRAP_CACHE/decode-programs``, else ``~/.cache/lmwrap/decode-programs``."""
+    root = os.environ.get("LMWRAP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmwrap")
+    return os.path.join(root, "decode-programs")
+
+
+def _source_digest() -> str:
+    """Of every Python file of lmwrap_engine and kernels: any change to what a trace may inline."""
+    global _SOURCE_DIGEST
+    if _SOURCE_DIGEST is None:
+        import kernels
+        h = hashlib.sha256()
+        for package in (pathlib.Path(__file__).parents[1], pathlib.Path(kernels.__file__).parent):
+            for path in sorted(package.rglob("*.py")):
+                h.update(str(path.relative_to(package.parent)).encode())
+                h.update(path.read_bytes())
+        _SOURCE_DIGEST = h.hexdigest()
+    return _SOURCE_DIGEST
+
+
+def _tensors_signature(model: torch.nn.Module) -> str:
+    """Shape, stride, dtype and device of every tensor each module holds (parameters, buffers and plain
+    attributes such as the KV cache), and every module's type and ``repr`` of its own settings."""
+    lines = []
+    for name, module in model.named_modules():
+        lines.append(f"{name}: {type(module).__qualname__}({module.extra_repr()})")
+        held = {**module._parameters, **module._buffers,
+                **{k: v for k, v in vars(module).items() if isinstance(v, torch.Tensor)}}
+        for key, t in sorted(held.items()):
+            if t is not None:
+                lines.append(f"  {key}: {tuple(t.shape)} {t.stride()} {t.dtype} {t.device}")
+    return "\n".join(lines)
+
+
+def program_path(model: torch.nn.Module, model_config: str, kind: str) -> str:
+    """Where the program for ``model`` (configured by ``model_config``, e.g. ``repr(ModelArgs)``) and
+    batch ``kind`` is kept."""
+    h = hashlib.sha256()
+    for part in (torch.__version__, sys.version, torch.backends.cpu.get_cpu_capability(), _source_digest(),
+                 model_config, _tensors_signature(model), kind):
+        h.update(part.encode())
+        h.update(b"\0")
+    return os.path.join(programs_dir(), f"decode-{h.hexdigest()[:32]}.bin")
+
+
+def load_or_compile(fn: Callable, example_args: Tuple[Any, ...], path: str) -> Tuple[Callable, bool]:
+    """``(program, loaded)``: ``fn`` compiled for ``example_args`` (fullgraph, static shapes except the
+    dims marked dynamic), read from ``path`` when it holds one, else compiled and written there.
+    A file that does not load (another torch wrote it, a truncated write) is compiled over."""
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+    if os.path.exists(path):
+        try:
+            from torch._dynamo import convert_frame
+            from torch._guards import CompileContext, compile_context
+            with open(path, "rb") as f, compile_context(CompileContext(convert_frame.get_compile_id({}))):
+                program = AOTCompiledFunction.deserialize(f.read(), f_globals=fn.__globals__)
+            program.disable_guard_check()
+            return program, True
+        except Exception as exc:
+            logger.warning("could not load the compiled decode program %s (%s: %s); compiling it again",
+                           path, type(exc).__name__, exc)
+    program = torch.compile(fn, fullgraph=True, dynamic=False).aot_compile((example_args, {}))
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        program.save_compiled_function(path)
+    except Exception as exc:  # a read-only cache: the program still serves this process
+        logger.warning("could not save the compiled decode program to %s (%s: %s)", path, type(exc).__name__, exc)
+    program.disable_guard_check()
+    return program, False
