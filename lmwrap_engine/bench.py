@@ -279,8 +279,9 @@ def throughput(args) -> None:
               f"{os.cpu_count()} CPUs visible)" if device.type == "cpu" else
               f"parallelism: tp {args.tp} x dp {args.dp}")
     # Warm-up on other prompts: with the prefix cache on, the timed requests must find nothing cached.
+    # Six requests of different lengths decode in batches of every compiled kind (1, 2-4, more) on the CPU.
     response_format = RESPONSE_FORMATS.get(getattr(args, "response_format", None))
-    run_engine(pipe, make_workload(_plain_vocab(pipe.tokenizer), 2, input_len, output_len, args.seed + 1,
+    run_engine(pipe, make_workload(_plain_vocab(pipe.tokenizer), 6, input_len, output_len, args.seed + 1,
                                    args.dataset), response_format)  # also compiles the grammar
     print(f"prefix caching: {'on' if args.enable_prefix_caching else 'off'}")
     before = pipe.stats()

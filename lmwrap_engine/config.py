@@ -1,6 +1,7 @@
 """Public configuration and result types, with lmdeploy's names, fields and defaults."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
@@ -321,3 +322,8 @@ class GenOut:
     finish_reason: Optional[str] = None
     token_ids: List[int] = field(default_factory=list)
     logprobs: Optional[List[dict]] = None
+
+
+def cache_root() -> str:
+    """lmwrap's cache folder: ``$LMWRAP_CACHE`` if set, else ``~/.cache/lmwrap``."""
+    return os.environ.get("LMWRAP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmwrap")

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from ..config import EngineConfig
+from ..config import EngineConfig, cache_root
 from . import cpu_programs
 from .context import ForwardContext, StepContext
 from .cuda_graph import DecodeGraphs
@@ -47,8 +47,7 @@ def inductor_cache_dir() -> str:
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
         return chosen  # (inductor writes its default back into the variable once it has used it)
-    root = os.environ.get("LMWRAP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmwrap")
-    return os.path.join(root, "inductor")
+    return os.path.join(cache_root(), "inductor")
 
 
 def _decode_logits(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

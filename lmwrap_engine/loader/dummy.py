@@ -14,6 +14,8 @@ import tempfile
 
 import torch
 
+from ..config import cache_root
+
 _LLAMA_3_1_8B = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -175,8 +177,7 @@ def _write_tokenizer(path: str, config: dict) -> None:
 
 def dummy_cache_dir() -> str:
     """Where benchmarks keep dummy folders: ``$LMWRAP_CACHE/dummy`` if set, else ``~/.cache/lmwrap/dummy``."""
-    root = os.environ.get("LMWRAP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmwrap")
-    return os.path.join(root, "dummy")
+    return os.path.join(cache_root(), "dummy")
 
 
 def write_dummy_model_dir(shape: str, root: str) -> str:
