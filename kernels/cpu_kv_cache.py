@@ -19,10 +19,11 @@ def _fill_kv_cache_padded(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tenso
                           slot_mapping: torch.Tensor) -> None:
     num_kv_heads, head_dim = k_cache.shape[-2], k_cache.shape[-1]
     slots = slot_mapping.long()
-    pad = slots < 0
-    slots = torch.where(pad, slots[:1], slots)
-    k = torch.where(pad[:, None, None], k[:1], k)
-    v = torch.where(pad[:, None, None], v[:1], v)
+    if slots.min() < 0:  # padding rows (reading a CPU tensor is no device sync); most steps have none
+        pad = slots < 0
+        slots = torch.where(pad, slots[:1], slots)
+        k = torch.where(pad[:, None, None], k[:1], k)
+        v = torch.where(pad[:, None, None], v[:1], v)
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
 

@@ -3,6 +3,8 @@ transformers, sessions / prefix cache / preemption through it, the switches, and
 
 Tiny models keep each compile short (~40 s for the first test with a cold inductor cache, seconds warm)."""
 import logging
+import os
+import time
 
 import pytest
 import torch
@@ -185,8 +187,13 @@ def test_programs_are_saved_and_loaded_by_the_next_engine(tiny_model_dir, tmp_pa
     files = sorted((tmp_path / "decode-programs").iterdir())
     assert len(files) == 3
 
+    stale = tmp_path / "decode-programs" / "decode-stale.bin"  # unused for longer than UNUSED_DAYS
+    stale.write_bytes(b"old")
+    old = time.time() - (cpu_programs.UNUSED_DAYS + 1) * 86400
+    os.utime(stale, (old, old))
     with pipeline(path, tiny_config(block_size=8)) as pipe:  # another KV cache shape: other programs
         pipe("hello", gen_config=GenerationConfig(max_new_tokens=2, ignore_eos=True), do_preprocess=False)
+    assert not stale.exists()  # pruned when the new program was saved
     assert len(list((tmp_path / "decode-programs").iterdir())) == 4
 
     for f in files:

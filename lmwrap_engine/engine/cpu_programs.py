@@ -19,6 +19,7 @@ import logging
 import os
 import pathlib
 import sys
+import time
 from typing import Any, Callable, Tuple
 
 import torch
@@ -28,6 +29,7 @@ from ..config import cache_root
 logger = logging.getLogger("lmwrap_engine")
 
 _SOURCE_DIGEST = None
+UNUSED_DAYS = 14
 
 
 def programs_dir() -> str:
@@ -86,6 +88,7 @@ def load_or_compile(fn: Callable, example_args: Tuple[Any, ...], path: str) -> T
             with open(path, "rb") as f, compile_context(CompileContext(convert_frame.get_compile_id({}))):
                 program = AOTCompiledFunction.deserialize(f.read(), f_globals=fn.__globals__)
             program.disable_guard_check()
+            os.utime(path)  # in use: kept by the pruning below
             return program, True
         except Exception as exc:
             logger.warning("could not load the compiled decode program %s (%s: %s); compiling it again",
@@ -94,7 +97,20 @@ def load_or_compile(fn: Callable, example_args: Tuple[Any, ...], path: str) -> T
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         program.save_compiled_function(path)
+        _prune(os.path.dirname(path))
     except Exception as exc:  # a read-only cache: the program still serves this process
         logger.warning("could not save the compiled decode program to %s (%s: %s)", path, type(exc).__name__, exc)
     program.disable_guard_check()
     return program, False
+
+
+def _prune(folder: str) -> None:
+    """Removes programs neither written nor loaded for ``UNUSED_DAYS`` (an older lmwrap's, a model's
+    gone): each source change or model shape adds files of a few MB."""
+    cutoff = time.time() - UNUSED_DAYS * 86400
+    for entry in os.scandir(folder):
+        try:
+            if entry.name.startswith("decode-") and entry.stat().st_mtime < cutoff:
+                os.remove(entry.path)
+        except OSError:  # another process removed it first
+            pass
