@@ -19,7 +19,7 @@ def _fill_kv_cache_padded(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tenso
                           slot_mapping: torch.Tensor) -> None:
     num_kv_heads, head_dim = k_cache.shape[-2], k_cache.shape[-1]
     slots = slot_mapping.long()
-    if slots.min() < 0:  # padding rows (reading a CPU tensor is no device sync); most steps have none
+    if slots.numel() and slots.min() < 0:  # padding rows (reading a CPU tensor is no sync); most steps have none
         pad = slots < 0
         slots = torch.where(pad, slots[:1], slots)
         k = torch.where(pad[:, None, None], k[:1], k)

@@ -1,16 +1,17 @@
 """Compiled CPU decode programs kept on disk whole, so that a warm start does not trace the model again.
 
 ``torch.compile``'s own caches (inductor's FX graph cache, AOTAutograd's) keep the generated code, but
-every new process still traces the model with Dynamo to find it: about 6 s for SmolLM2-135M's 30 layers
-on a 2-core AVX-512 EPYC, the largest part of a warm start. torch's ahead-of-time compile (``torch.compile(fn).aot_compile``)
-gives a program that is saved whole (Dynamo's bytecode and the inductor code) and loads in about a
+every new process still traces the model with Dynamo to find it: about 6 s for SmolLM2-135M's 30
+layers on a 2-core AVX-512 EPYC, the largest part of a warm start. torch's ahead-of-time compile
+(``torch.compile(fn).aot_compile``) gives a program that is saved whole (Dynamo's bytecode and the inductor code) and loads in about a
 second.
 
 A loaded program runs without Dynamo's guards (the checks of the shapes, dtypes and attributes it was
 traced under, run before every call): the caller picks the program by its own batch kind, and a file
-is only used by a model whose every traced-in fact matches its name, a digest of: torch, Python and
-the CPU's capability, lmwrap's source, the model's config, its module tree, and the shape, stride and
-dtype of every tensor its modules hold (the KV cache included), plus the caller's own ``kind``.
+is only used by a model whose every traced-in fact matches its name, a digest of: torch, Python, the
+CPU's capability (torch's, and the instruction set inductor generates for), lmwrap's source, the
+model's config, its module tree, the shape, stride and dtype of every tensor its modules hold (the
+KV cache included), and the caller's ``kind``.
 """
 from __future__ import annotations
 
@@ -68,9 +69,10 @@ def _tensors_signature(model: torch.nn.Module) -> str:
 def program_path(model: torch.nn.Module, model_config: str, kind: str) -> str:
     """Where the program for ``model`` (configured by ``model_config``, e.g. ``repr(ModelArgs)``) and
     batch ``kind`` is kept."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa  # the instructions inductor generates for
     h = hashlib.sha256()
-    for part in (torch.__version__, sys.version, torch.backends.cpu.get_cpu_capability(), _source_digest(),
-                 model_config, _tensors_signature(model), kind):
+    for part in (torch.__version__, sys.version, torch.backends.cpu.get_cpu_capability(), str(pick_vec_isa()),
+                 _source_digest(), model_config, _tensors_signature(model), kind):
         h.update(part.encode())
         h.update(b"\0")
     return os.path.join(programs_dir(), f"decode-{h.hexdigest()[:32]}.bin")

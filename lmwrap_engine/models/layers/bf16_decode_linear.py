@@ -9,8 +9,10 @@ activations and an fp32 result, for calls of up to ``MAX_BF16_ROWS`` rows; large
 weight. Measured on a 2-core AVX2-only EPYC, 2 threads, SmolLM2-135M shapes, weights from memory
 (30 layers / LM head): 1 row 18.0 / 4.1 ms vs fp32 48.4 / 13.7; 4 rows 60.6 / 15.7 vs 90.3 / 31.7;
 8 rows 105.5 / 26.3 vs 69.9 / 28.9; 32 rows 453.5 / 133.1 vs 119.7 / 63.9. The copy costs half the fp32 weight bytes again.
+A single row inside a compiled decode step (batch 1) keeps its fp32 activations instead: the product
+is written as a multiply-sum over the bf16 weight, which inductor fuses into one pass at memory speed.
 
-Small batches then compute with bf16-rounded weights and activations, the precision of ``auto`` on a
+Small batches then compute with bf16-rounded weights (and, but for that single row, activations), the precision of ``auto`` on a
 bf16 CPU; ``dtype='float32'`` keeps every call in fp32.
 """
 from __future__ import annotations
