@@ -3,8 +3,8 @@
 ``torch.compile``'s own caches (inductor's FX graph cache, AOTAutograd's) keep the generated code, but
 every new process still traces the model with Dynamo to find it: about 6 s for SmolLM2-135M's 30
 layers on a 2-core AVX-512 EPYC, the largest part of a warm start. torch's ahead-of-time compile
-(``torch.compile(fn).aot_compile``) gives a program that is saved whole (Dynamo's bytecode and the inductor code) and loads in about a
-second.
+(``torch.compile(fn).aot_compile``) gives a program that is saved whole (Dynamo's bytecode and the
+inductor code) and loads in about a second.
 
 A loaded program runs without Dynamo's guards (the checks of the shapes, dtypes and attributes it was
 traced under, run before every call): the caller picks the program by its own batch kind, and a file
