@@ -61,6 +61,23 @@ def test_int4_linear_matches_the_dense_linear(dtype, atol):
         torch.testing.assert_close(model(x).float(), expected, atol=atol, rtol=0)
 
 
+def test_int4_linear_keeps_its_kernel_scales_through_model_to():
+    """``model.to(dtype)`` casts the dense copy; the 4-bit kernel's scales stay in the kernel's dtype."""
+    torch.manual_seed(0)
+    dense = nn.Linear(128, 48, bias=False)
+    with torch.no_grad():
+        dense.weight.copy_(gguf_roundtrip(dense.weight, Q.Q4_1))
+    model = nn.Sequential(dense)
+    convert_int4_linears(model, torch.float32, kernel_dtype=torch.bfloat16)
+    before = model[0].scales_zeros.clone()
+    for dtype in (torch.float32, torch.bfloat16, torch.float32):
+        model = model.to(dtype)
+        assert model[0].weight.dtype == dtype
+        assert model[0].scales_zeros.dtype == torch.bfloat16 and torch.equal(model[0].scales_zeros, before)
+    x = torch.randn(1, 128)
+    torch.testing.assert_close(model(x), nn.functional.linear(x, dense.weight), atol=0.05, rtol=0)
+
+
 def test_tied_and_non_lattice_linears_stay_dense():
     torch.manual_seed(0)
     emb = nn.Embedding(64, 32)
