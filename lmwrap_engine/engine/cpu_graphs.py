@@ -10,7 +10,7 @@ Shapes: the batch and block-table width are dynamic, so few programs serve every
 batches up to the int4 linears' row limit, and larger batches (the linears branch on the row
 count). The table is at least ``MIN_WIDTH`` blocks wide, as inductor specialises a size of 1.
 Each program is compiled ahead of time and kept on disk whole (``cpu_programs.py``), so a warm start
-loads it in about a second and no step pays for Dynamo's guards; the kind is picked here instead. Where
+loads it instead of re-tracing the model and no step pays for Dynamo's guards; the kind is picked here instead. Where
 that fails (an older torch), ``torch.compile`` serves, with inductor's FX graph and AOTAutograd caches
 (under ``$LMWRAP_CACHE/inductor`` or ``~/.cache/lmwrap/inductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` is
 set), so that its warm start only re-traces. If compiling fails (no C++ compiler, an inductor error) the
@@ -99,20 +99,16 @@ class CompiledDecode(DecodeGraphs):
         return "1" if bs == 1 else f"2..{MAX_INT4_ROWS}" if bs <= MAX_INT4_ROWS else f">{MAX_INT4_ROWS}"
 
     def _program(self, kind: str, ids: torch.Tensor, pos: torch.Tensor):
-        """The kind's program: loaded from disk or compiled now (and saved), else ``torch.compile``'s."""
-        start = time.perf_counter()
+        """``(program, how, where)`` for the kind: loaded from disk or compiled now (and saved), else
+        ``torch.compile``'s, which compiles on its first call."""
         try:
             path = cpu_programs.program_path(self.model, self.model_config, kind)
             program, loaded = cpu_programs.load_or_compile(_decode_logits, (self.model, ids, pos), path)
-            how = "loaded" if loaded else "compiled and saved"
+            return program, "loaded" if loaded else "compiled and saved", path
         except Exception as exc:  # an older torch, a model the ahead-of-time compile cannot serialise
             logger.warning("compiling the CPU decode step ahead of time failed (%s: %s); using torch.compile",
                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            program, how, path = compiled_decode_logits(), "compiled", os.environ["TORCHINDUCTOR_CACHE_DIR"]
-            program(self.model, ids, pos)  # compile now, inside the try of the caller
-        logger.info("%s the CPU decode step for batch %s in %.1f s (%s)", how, kind, time.perf_counter() - start,
-                    path)
-        return program
+            return compiled_decode_logits(), "compiled", os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
     def _forward(self, bs: int) -> torch.Tensor:
         if self.failed:
@@ -126,14 +122,20 @@ class CompiledDecode(DecodeGraphs):
         try:
             with self.step_context.use(ctx):
                 program = self.programs.get(kind)
-                if program is None:
-                    program = self.programs[kind] = self._program(kind, ids, pos)
-                return program(self.model, ids, pos)
+                if program is not None:
+                    return program(self.model, ids, pos)
+                start = time.perf_counter()
+                program, how, where = self._program(kind, ids, pos)
+                logits = program(self.model, ids, pos)
         except Exception as exc:  # no compiler, an inductor error: decode eagerly from now on
             logger.warning("compiling the CPU decode step failed (%s: %s); decoding eagerly",
                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             self.failed = True
             return self._forward(bs)
+        self.programs[kind] = program
+        logger.info("%s the CPU decode step for batch %s in %.1f s (%s)", how, kind, time.perf_counter() - start,
+                    where)
+        return logits
 
     @torch.inference_mode()
     def warm_up(self) -> None:

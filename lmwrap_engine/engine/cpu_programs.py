@@ -4,7 +4,8 @@
 every new process still traces the model with Dynamo to find it: about 6 s for SmolLM2-135M's 30
 layers on a 2-core AVX-512 EPYC, the largest part of a warm start. torch's ahead-of-time compile
 (``torch.compile(fn).aot_compile``) gives a program that is saved whole (Dynamo's bytecode and the
-inductor code) and loads in about a second.
+inductor code) and loads in about a second (the first in a process also imports torch's compiler,
+~2 s; SmolLM2-135M's batch-1 program on that EPYC: 0.8 s, 3.2 s with the imports).
 
 A loaded program runs without Dynamo's guards (the checks of the shapes, dtypes and attributes it was
 traced under, run before every call): the caller picks the program by its own batch kind, and a file

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import is_compiled_single_row, single_row_linear
 from .quant_linear import MAX_INT4_ROWS, replace_linears
 
 # The 4-bit layers' limit, so that the compiled decode step keeps its three programs (1, 2..4, more).
@@ -42,12 +43,10 @@ class Bf16DecodeLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() > MAX_BF16_ROWS * self.in_features:
             return F.linear(x, self.weight, self.bias)
-        if x.dim() == 2 and x.shape[0] == 1 and torch.compiler.is_compiling():
-            # One row in a compiled decode step: inductor fuses the multiply-sum into one pass over the
-            # bf16 weight (as ParallelLMHead does); the activations stay fp32, the products are summed in fp32.
-            y = (x.float()[:, None, :] * self.weight_bf16.float()).sum(-1).to(x.dtype)
-            return y if self.bias is None else y + self.bias
-        y = F.linear(x.to(torch.bfloat16), self.weight_bf16).to(x.dtype)
+        if is_compiled_single_row(x):  # fp32 activations, one fused pass over the bf16 weight
+            y = single_row_linear(x, self.weight_bf16)
+        else:
+            y = F.linear(x.to(torch.bfloat16), self.weight_bf16).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
