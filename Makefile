@@ -30,9 +30,12 @@ demo: $(STAMP)
 # Test-only peers, compiled from source (pip caches the wheel, so only a fresh machine pays, ~5 min):
 # llama.cpp, which `lmwrap bench agents` compares against.
 TEST_STAMP := $(VENV)/.installed-test
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CPP_CMAKE_ARGS := -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
 
 $(TEST_STAMP): $(STAMP) scripts/triton_host_venv.sh
-	$(PY) -m pip install -q llama-cpp-python==0.3.36
+	# Without ggml's AMX matmul: on a CPU with AMX (Xeon, amx_int8) it segfaults on the default Q4_1 model.
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PY) -m pip install -q llama-cpp-python==0.3.36
 	# The Triton host's own venv (nvidia-pytriton pins numpy<2), cached under ~/.cache/lmwrap (~70 s once).
 	PYTHON=$(PYTHON) bash scripts/triton_host_venv.sh
 	# Ray (+~240 MB, no torch): tests/test_ray_executor.py runs the Ray executor on a local cluster.
