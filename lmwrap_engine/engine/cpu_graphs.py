@@ -62,7 +62,8 @@ def compiled_decode_logits():
     shapes share its programs (the model is an argument, its parameters graph inputs)."""
     global _compiled_decode_logits
     if _compiled_decode_logits is None:
-        _compiled_decode_logits = torch.compile(_decode_logits, fullgraph=True, dynamic=False)
+        _compiled_decode_logits = torch.compile(_decode_logits, fullgraph=True, dynamic=False,
+                                                options=cpu_programs.PROGRAM_OPTIONS)
     return _compiled_decode_logits
 
 
