@@ -14,7 +14,8 @@ from lmwrap_engine.config import EngineConfig
 from lmwrap_engine.engine import model_runner
 from lmwrap_engine.engine.model_runner import ModelRunner
 from lmwrap_engine.models.layers.bf16_decode_linear import MAX_BF16_ROWS, Bf16DecodeLinear, convert_bf16_decode_linears
-from lmwrap_engine.models.layers.quant_linear import Int4Linear, convert_int4_linears, find_int4_lattice
+from lmwrap_engine.models.layers.quant_linear import (Int4Linear, convert_int4_linears, find_int4_lattice,
+                                                       prepack_dense_weights)
 from test_engine_parity import run_prefill_logits
 
 gguf = pytest.importorskip("gguf")
@@ -59,6 +60,32 @@ def test_int4_linear_matches_the_dense_linear(dtype, atol):
         x = torch.randn(rows, 1, 128).to(dtype)
         expected = nn.functional.linear(x, dense.weight.to(dtype), dense.bias.to(dtype)).float()
         torch.testing.assert_close(model(x).float(), expected, atol=atol, rtol=0)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_prepacked_dense_weight_gives_the_dense_linears_bits_for_prefill():
+    """bf16 Int4Linears take a oneDNN-blocked copy of the dense weight for calls of more than 4 rows:
+    the same bits as ``F.linear``; the 4-bit kernel still serves 4 rows or fewer."""
+    torch.manual_seed(0)
+    dense = nn.Linear(128, 48, bias=True)
+    with torch.no_grad():
+        dense.weight.copy_(gguf_roundtrip(dense.weight, Q.Q4_1))
+    model = nn.Sequential(dense, nn.Sequential(nn.Linear(48, 32, bias=False)))
+    convert_int4_linears(model, torch.bfloat16)
+    model = model.to(torch.bfloat16)
+    fp32 = nn.Sequential(nn.Linear(128, 48))
+    with torch.no_grad():
+        fp32[0].weight.copy_(dense.weight)
+    convert_int4_linears(fp32, torch.float32)
+    assert prepack_dense_weights(model) == 1 and prepack_dense_weights(fp32) == 0  # bf16 Int4Linears only
+    layer = model[0]
+    assert layer.onednn_weight is not None and fp32[0].onednn_weight is None
+    w, b = dense.weight.to(torch.bfloat16), dense.bias.to(torch.bfloat16)
+    for shape in ((9, 128), (130, 128), (9, 1, 128)):
+        x = torch.randn(shape).to(torch.bfloat16)
+        assert torch.equal(layer(x), nn.functional.linear(x, w, b)), shape
+    x = torch.randn(3, 128).to(torch.bfloat16)  # 4 rows or fewer: the 4-bit kernel, not the dense bits
+    assert not torch.equal(layer(x), nn.functional.linear(x, w, b))
 
 
 def test_int4_linear_keeps_its_kernel_scales_through_model_to():
@@ -138,6 +165,8 @@ def test_bf16_engine_keeps_4bit_weights_4bit(q4_model_dir, monkeypatch):
     int4 = _runner(q4_model_dir, "bfloat16")
     assert _int4_count(int4) == 8
     assert int4.model.model.layers[0].mlp.down_proj.packed_weight.dtype == torch.uint8
+    if torch.backends.mkldnn.is_available():  # prefill's dense products through oneDNN-blocked weights
+        assert int4.model.model.layers[0].mlp.down_proj.onednn_weight is not None
     monkeypatch.setenv("LMWRAP_INT4", "0")
     dense = _runner(q4_model_dir, "bfloat16")
     assert _int4_count(dense) == 0

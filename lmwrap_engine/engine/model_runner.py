@@ -14,7 +14,7 @@ from ..models.config import ModelArgs
 from ..models.layers.attention import PagedAttention
 from ..models.layers.int8_linear import convert_int8_linears
 from ..models.layers.bf16_decode_linear import convert_bf16_decode_linears
-from ..models.layers.quant_linear import convert_int4_linears, int4_pays_off
+from ..models.layers.quant_linear import convert_int4_linears, int4_pays_off, prepack_dense_weights
 from ..models.registry import build_model
 from .context import ForwardContext, StepContext
 from .cpu_features import cpu_has_fast_bf16, physical_cores
@@ -150,6 +150,7 @@ class ModelRunner:
             if int4:
                 convert_int4_linears(model, self.dtype, self.small_batch_dtype)
                 model = model.to(self.dtype)  # (the 4-bit kernel's scales keep their dtype)
+                prepack_dense_weights(model)  # after the last .to()
             # after int4: linears kept 4-bit are no nn.Linear any more
             if self.config.weight_quant == "int8":
                 convert_int8_linears(model, self.small_batch_dtype)

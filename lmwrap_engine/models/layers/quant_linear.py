@@ -90,10 +90,13 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed_weight", packed, persistent=False)
         self.register_buffer("scales_zeros", scales_zeros, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        self.onednn_weight = None  # see prepack_dense_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         if x.numel() > MAX_INT4_ROWS * shape[-1]:
+            if self.onednn_weight is not None and x.dtype == self.onednn_weight.dtype and not torch.compiler.is_compiling():
+                return torch.ops.mkldnn._linear_pointwise(x, self.onednn_weight, self.bias, "none", [], "")
             return nn.functional.linear(x, self.weight, self.bias)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(self.kernel_dtype).contiguous(),
                                                        self.packed_weight, self.group_size, self.scales_zeros).to(x.dtype)
@@ -137,6 +140,29 @@ def convert_int4_linears(model: nn.Module, dtype: torch.dtype, kernel_dtype: Opt
         return Int4Linear(*lattice, linear.weight, linear.bias, dtype, kernel_dtype=kernel_dtype)
 
     return replace_linears(model, make, "weight-only int4 (linears kept 4-bit)")
+
+
+def prepack_dense_weights(model: nn.Module) -> int:
+    """Give each bf16 :class:`Int4Linear` a copy of its dense weight in oneDNN's blocked layout, which its
+    eager calls of more than ``MAX_INT4_ROWS`` rows (prefill) then use: ``F.linear`` re-lays the weight out
+    on every call. Same results, bit for bit. Measured on a 2-core AMX Xeon, SmolLM2-135M, TTFT of a
+    128-token prompt 71 -> 60 ms (512 tokens: level); costs the dense bf16 bytes again. Compiled decode
+    programs keep the plain weight (a oneDNN tensor is no graph input). Call it after the model's last
+    ``.to()``, on the thread that runs the model. Returns how many."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear) and m.weight.dtype == torch.bfloat16]
+    try:
+        for m in layers:
+            m.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
+    except RuntimeError as exc:  # a torch without oneDNN's bf16 linear: the plain weight serves
+        logger.info("oneDNN prepacked weights unavailable (%s); prefill uses F.linear", exc)
+        for m in layers:
+            m.onednn_weight = None
+        return 0
+    if layers:
+        logger.info("oneDNN prepacked prefill weights: %d linears", len(layers))
+    return len(layers)
 
 
 def replace_linears(model: nn.Module, make: Callable[[nn.Linear], Optional[nn.Module]], what: str) -> int:
