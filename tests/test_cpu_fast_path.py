@@ -301,3 +301,31 @@ def test_auto_without_fast_bf16_compiled_decode_matches_eager(q4_model_dir, no_f
     runner = ModelRunner(q4_model_dir, EngineConfig(num_gpu_blocks=16, block_size=4, device_type="cpu"))
     assert runner.small_batch_dtype == torch.bfloat16
     assert_compiled_decode_matches_eager(runner, atol=2e-2)
+
+
+def test_bf16_int4_decode_of_more_than_4_rows_compiles_ahead_of_time(q4_model_dir, monkeypatch, tmp_path, caplog):
+    """The oneDNN copy of the dense weight (eager prefill only; Dynamo cannot trace a oneDNN tensor)
+    stays out of the traced steps: a 6-row decode compiles ahead of time like the others, and gives the
+    eager step's logits."""
+    from lmwrap_engine.engine.cuda_graph import DecodeGraphs
+    monkeypatch.setenv("LMWRAP_CPU_COMPILE", "1")
+    monkeypatch.setenv("LMWRAP_CACHE", str(tmp_path))
+    runner = ModelRunner(q4_model_dir, EngineConfig(dtype="bfloat16", num_gpu_blocks=16, block_size=4,
+                                                    device_type="cpu"))
+    if torch.backends.mkldnn.is_available():
+        assert runner.model.model.layers[0].self_attn.qkv_proj.onednn_weight is not None
+    eager = DecodeGraphs(runner.model, runner.step_context, 8, 16, runner.args.hidden_size, runner.dtype,
+                         runner.device, capture=False)
+    torch.manual_seed(0)
+    runner.k_cache.normal_()
+    runner.v_cache.normal_()
+    step = dict(input_ids=[5, 7, 11, 13, 17, 19], positions=[9, 3, 6, 2, 4, 8],
+                slots=[2 * 4 + 1, 5 * 4 + 3, 8 * 4 + 2, 9 * 4 + 2, 10 * 4 + 0, 12 * 4 + 0],
+                kv_lens=[10, 4, 7, 3, 5, 9], block_tables=[[0, 1, 2], [5], [7, 8], [9], [3, 10], [4, 6, 12]])
+    with torch.inference_mode(), caplog.at_level("WARNING", logger="lmwrap_engine"):
+        want = runner.model.compute_logits(eager.run(**step))
+        got = runner.decode_graphs.run(**step)
+    assert not runner.decode_graphs.failed
+    assert not [r for r in caplog.records if "ahead of time failed" in r.getMessage()], caplog.text
+    assert len(os.listdir(tmp_path / "decode-programs")) == 2  # batch 1 (at start-up) and >4
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0)  # bf16

@@ -95,8 +95,10 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         if x.numel() > MAX_INT4_ROWS * shape[-1]:
-            if self.onednn_weight is not None and x.dtype == self.onednn_weight.dtype and not torch.compiler.is_compiling():
-                return torch.ops.mkldnn._linear_pointwise(x, self.onednn_weight, self.bias, "none", [], "")
+            # (is_compiling first: a traced step must not touch the oneDNN tensor, which Dynamo cannot fake)
+            packed = None if torch.compiler.is_compiling() else self.onednn_weight
+            if packed is not None and x.dtype == packed.dtype:
+                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
             return nn.functional.linear(x, self.weight, self.bias)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(self.kernel_dtype).contiguous(),
                                                        self.packed_weight, self.group_size, self.scales_zeros).to(x.dtype)
