@@ -150,7 +150,8 @@ def prepack_dense_weights(model: nn.Module) -> int:
     on every call. Same results, bit for bit. Measured on a 2-core AMX Xeon, SmolLM2-135M, TTFT of a
     128-token prompt 71 -> 60 ms (512 tokens: level); the process's RSS after a short request was lower
     with it (1.12 vs 1.26 GB). Compiled decode programs keep the plain weight (Dynamo cannot trace a oneDNN
-    tensor). Call it after the model's last ``.to()``, on the thread that runs the model. Returns how many."""
+    tensor). Call it after the model's last ``.to()``, on the thread that runs the model (parallel torch ops
+    on a second thread start a second OpenMP pool: bf16 matmuls then ran 1.3-1.4x slower here). Returns how many."""
     if not torch.backends.mkldnn.is_available():
         return 0
     layers = [m for m in model.modules() if isinstance(m, Int4Linear) and m.weight.dtype == torch.bfloat16]
