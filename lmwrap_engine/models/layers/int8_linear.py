@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import realized
 from .quant_linear import replace_linears
 
 # Rows up to which _weight_int8pack_mm beats the dense bf16 matmul (see the module docstring: the
@@ -98,7 +99,7 @@ class Int8Linear(nn.Module):
                 and (rows == 1 or x.dtype == torch.float32)):
             # Inductor fuses the broadcast and the reduction into one pass over the int8 weight per row;
             # eagerly this would materialise a rows x N x K product.
-            xf = x.reshape(-1, 1, self.in_features).float()
+            xf = realized(x).reshape(-1, 1, self.in_features).float()
             y = ((xf * self.qweight.float()).sum(-1) * self.scales.float()).to(x.dtype)
         elif rows <= MAX_INT8_ROWS and x.dtype == torch.bfloat16:
             y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).contiguous(), self.qweight, self.scales)
