@@ -64,8 +64,9 @@ def test_int4_linear_matches_the_dense_linear(dtype, atol):
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 def test_prepacked_dense_weight_gives_the_dense_linears_bits_for_prefill():
-    """bf16 Int4Linears take a oneDNN-blocked copy of the dense weight for calls of more than 4 rows:
-    the same bits as ``F.linear``; the 4-bit kernel still serves 4 rows or fewer."""
+    """Int4Linears take a oneDNN-blocked copy of the dense weight for calls of more than 4 rows: in bf16
+    the same bits as ``F.linear``, in fp32 the same to float rounding; the 4-bit kernel still serves 4
+    rows or fewer. Plain ``nn.Linear``s are left alone."""
     torch.manual_seed(0)
     dense = nn.Linear(128, 48, bias=True)
     with torch.no_grad():
@@ -76,16 +77,48 @@ def test_prepacked_dense_weight_gives_the_dense_linears_bits_for_prefill():
     fp32 = nn.Sequential(nn.Linear(128, 48))
     with torch.no_grad():
         fp32[0].weight.copy_(dense.weight)
-    convert_int4_linears(fp32, torch.float32)
-    assert prepack_dense_weights(model) == 1 and prepack_dense_weights(fp32) == 0  # bf16 Int4Linears only
+        fp32[0].bias.copy_(dense.bias)
+    convert_int4_linears(fp32, torch.float32, kernel_dtype=torch.bfloat16)
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch")
+    assert prepack_dense_weights(model) == 1 and prepack_dense_weights(fp32) == 1
     layer = model[0]
-    assert layer.onednn_weight is not None and fp32[0].onednn_weight is None
+    assert layer.packed_dense is not None and model[1][0].__class__ is nn.Linear
     w, b = dense.weight.to(torch.bfloat16), dense.bias.to(torch.bfloat16)
     for shape in ((9, 128), (130, 128), (9, 1, 128)):
-        x = torch.randn(shape).to(torch.bfloat16)
-        assert torch.equal(layer(x), nn.functional.linear(x, w, b)), shape
+        x = torch.randn(shape)
+        assert torch.equal(layer(x.to(torch.bfloat16)), nn.functional.linear(x.to(torch.bfloat16), w, b)), shape
+        torch.testing.assert_close(fp32[0](x), nn.functional.linear(x, dense.weight, dense.bias), atol=1e-5, rtol=1e-5)
     x = torch.randn(3, 128).to(torch.bfloat16)  # 4 rows or fewer: the 4-bit kernel, not the dense bits
     assert not torch.equal(layer(x), nn.functional.linear(x, w, b))
+
+
+def test_compiled_steps_reach_the_prepacked_weights(monkeypatch):
+    """The packed copy never enters a graph: the opaque op takes the plain weight and finds the copy at
+    run time, eager and inside an inductor-compiled function alike; without a copy it is ``F.linear``."""
+    from lmwrap_engine.models.layers import prepacked_linear
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch")
+    hits = []
+    lookup = prepacked_linear._lookup
+    monkeypatch.setattr(prepacked_linear, "_lookup", lambda x, w: hits.append(lookup(x, w)) or hits[-1])
+    torch.manual_seed(0)
+    head = Bf16DecodeLinear(nn.Linear(64, 96, bias=False).requires_grad_(False))  # as the engine's weights
+    x = torch.randn(8, 64)
+    want = nn.functional.linear(x, head.weight)
+    torch.testing.assert_close(head(x), want)  # not packed yet: F.linear
+    assert hits == [None]
+    assert prepack_dense_weights(nn.Sequential(head)) == 1
+    eager = head(x)
+    compiled = torch.compile(head, fullgraph=True)(x)
+    assert len(hits) == 3 and all(h is head.packed_dense.packed for h in hits[1:])
+    assert torch.equal(compiled, eager)
+    torch.testing.assert_close(eager, want, atol=1e-5, rtol=1e-5)
+    head.packed_dense = None  # the registry holds copies weakly: the owner's reference is what keeps one
+    import gc
+    gc.collect()
+    head(x)
+    assert hits[-1] is None
 
 
 def test_int4_linear_keeps_its_kernel_scales_through_model_to():
@@ -166,7 +199,7 @@ def test_bf16_engine_keeps_4bit_weights_4bit(q4_model_dir, monkeypatch):
     assert _int4_count(int4) == 8
     assert int4.model.model.layers[0].mlp.down_proj.packed_weight.dtype == torch.uint8
     if torch.backends.mkldnn.is_available():  # prefill's dense products through oneDNN-blocked weights
-        assert int4.model.model.layers[0].mlp.down_proj.onednn_weight is not None
+        assert int4.model.model.layers[0].mlp.down_proj.packed_dense is not None
     monkeypatch.setenv("LMWRAP_INT4", "0")
     dense = _runner(q4_model_dir, "bfloat16")
     assert _int4_count(dense) == 0
@@ -304,16 +337,16 @@ def test_auto_without_fast_bf16_compiled_decode_matches_eager(q4_model_dir, no_f
 
 
 def test_bf16_int4_decode_of_more_than_4_rows_compiles_ahead_of_time(q4_model_dir, monkeypatch, tmp_path, caplog):
-    """The oneDNN copy of the dense weight (eager prefill only; Dynamo cannot trace a oneDNN tensor)
-    stays out of the traced steps: a 6-row decode compiles ahead of time like the others, and gives the
-    eager step's logits."""
+    """The oneDNN copy of the dense weight stays out of the traced steps (Dynamo cannot trace a oneDNN
+    tensor; the opaque op finds it at run time): a 6-row decode compiles ahead of time like the others,
+    and gives the eager step's logits."""
     from lmwrap_engine.engine.cuda_graph import DecodeGraphs
     monkeypatch.setenv("LMWRAP_CPU_COMPILE", "1")
     monkeypatch.setenv("LMWRAP_CACHE", str(tmp_path))
     runner = ModelRunner(q4_model_dir, EngineConfig(dtype="bfloat16", num_gpu_blocks=16, block_size=4,
                                                     device_type="cpu"))
     if torch.backends.mkldnn.is_available():
-        assert runner.model.model.layers[0].self_attn.qkv_proj.onednn_weight is not None
+        assert runner.model.model.layers[0].self_attn.qkv_proj.packed_dense is not None
     eager = DecodeGraphs(runner.model, runner.step_context, 8, 16, runner.args.hidden_size, runner.dtype,
                          runner.device, capture=False)
     torch.manual_seed(0)

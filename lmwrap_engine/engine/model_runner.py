@@ -150,12 +150,13 @@ class ModelRunner:
             if int4:
                 convert_int4_linears(model, self.dtype, self.small_batch_dtype)
                 model = model.to(self.dtype)  # (the 4-bit kernel's scales keep their dtype)
-                prepack_dense_weights(model)  # after the last .to()
             # after int4: linears kept 4-bit are no nn.Linear any more
             if self.config.weight_quant == "int8":
                 convert_int8_linears(model, self.small_batch_dtype)
             elif self.small_batch_dtype != self.dtype:
                 convert_bf16_decode_linears(model)
+            if self.device.type == "cpu":
+                prepack_dense_weights(model)  # after the last .to()
         return model.eval()
 
     def kv_bytes_per_token(self) -> int:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import prepacked_linear
 from .linear import is_compiled_single_row, single_row_linear
 from .quant_linear import MAX_INT4_ROWS, replace_linears
 
@@ -39,10 +40,11 @@ class Bf16DecodeLinear(nn.Module):
         self.bias = linear.bias
         self.out_features, self.in_features = linear.weight.shape
         self.register_buffer("weight_bf16", linear.weight.detach().to(torch.bfloat16), persistent=False)
+        self.packed_dense = None  # the fp32 weight's oneDNN copy, see quant_linear.prepack_dense_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() > MAX_BF16_ROWS * self.in_features:
-            return F.linear(x, self.weight, self.bias)
+            return prepacked_linear.linear(x, self.weight, self.bias)
         if is_compiled_single_row(x):  # fp32 activations, one fused pass over the bf16 weight
             y = single_row_linear(x, self.weight_bf16)
         else:

@@ -26,6 +26,8 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
+from . import prepacked_linear
+
 logger = logging.getLogger("lmwrap_engine")
 
 GROUP_SIZE = 32  # the block size of every GGUF 4-bit type
@@ -90,16 +92,12 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed_weight", packed, persistent=False)
         self.register_buffer("scales_zeros", scales_zeros, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
-        self.onednn_weight = None  # see prepack_dense_weights
+        self.packed_dense = None  # the dense weight's oneDNN copy, see prepack_dense_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         if x.numel() > MAX_INT4_ROWS * shape[-1]:
-            # (is_compiling first: a traced step must not touch the oneDNN tensor, which Dynamo cannot fake)
-            packed = None if torch.compiler.is_compiling() else self.onednn_weight
-            if packed is not None and x.dtype == packed.dtype:
-                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
-            return nn.functional.linear(x, self.weight, self.bias)
+            return prepacked_linear.linear(x, self.weight, self.bias)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(self.kernel_dtype).contiguous(),
                                                        self.packed_weight, self.group_size, self.scales_zeros).to(x.dtype)
         if self.bias is not None:
@@ -145,27 +143,23 @@ def convert_int4_linears(model: nn.Module, dtype: torch.dtype, kernel_dtype: Opt
 
 
 def prepack_dense_weights(model: nn.Module) -> int:
-    """Give each bf16 :class:`Int4Linear` a copy of its dense weight in oneDNN's blocked layout, which its
-    eager calls of more than ``MAX_INT4_ROWS`` rows (prefill) then use: ``F.linear`` re-lays the weight out
-    on every call. Same results, bit for bit. Measured on a 2-core AMX Xeon, SmolLM2-135M, TTFT of a
-    128-token prompt 71 -> 60 ms (512 tokens: level); the process's RSS after a short request was lower
-    with it (1.12 vs 1.26 GB). Compiled decode programs keep the plain weight (Dynamo cannot trace a oneDNN
-    tensor). Call it after the model's last ``.to()``, on the thread that runs the model (parallel torch ops
-    on a second thread start a second OpenMP pool: bf16 matmuls then ran 1.3-1.4x slower here). Returns how many."""
-    if not torch.backends.mkldnn.is_available():
-        return 0
-    layers = [m for m in model.modules() if isinstance(m, Int4Linear) and m.weight.dtype == torch.bfloat16]
-    try:
-        for m in layers:
-            m.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
-    except RuntimeError as exc:  # a torch without oneDNN's bf16 linear: the plain weight serves
-        logger.info("oneDNN prepacked weights unavailable (%s); prefill uses F.linear", exc)
-        for m in layers:
-            m.onednn_weight = None
-        return 0
-    if layers:
-        logger.info("oneDNN prepacked prefill weights: %d linears", len(layers))
-    return len(layers)
+    """Give the dense weights that CPU calls of more than a few rows use (each :class:`Int4Linear`'s and
+    :class:`~.bf16_decode_linear.Bf16DecodeLinear`'s, the LM head's included) a oneDNN-blocked copy,
+    which those calls then take, eager and compiled (``prepacked_linear.py``). Measured on a 2-core
+    AMX Xeon, bf16, SmolLM2-135M: TTFT of a 128-token prompt 71 -> 60 ms, the same bits; on a 2-core
+    AVX-512 (no BF16) Xeon, fp32 (``auto``), the 5-32-row matmuls of batched decode 2-3x faster. The copies
+    cost the dense weights' bytes again. Call it after the model's last ``.to()``, on the thread that runs
+    the model (parallel torch ops on a second thread start a second OpenMP pool: bf16 matmuls then ran
+    1.3-1.4x slower here). Returns how many."""
+    from .bf16_decode_linear import Bf16DecodeLinear
+    count = 0
+    for m in model.modules():
+        if isinstance(m, (Int4Linear, Bf16DecodeLinear)):
+            m.packed_dense = prepacked_linear.prepack(m.weight)
+            count += m.packed_dense is not None
+    if count:
+        logger.info("oneDNN prepacked dense weights: %d linears", count)
+    return count
 
 
 def replace_linears(model: nn.Module, make: Callable[[nn.Linear], Optional[nn.Module]], what: str) -> int:
