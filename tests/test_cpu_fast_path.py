@@ -362,3 +362,12 @@ def test_bf16_int4_decode_of_more_than_4_rows_compiles_ahead_of_time(q4_model_di
     assert not [r for r in caplog.records if "ahead of time failed" in r.getMessage()], caplog.text
     assert len(os.listdir(tmp_path / "decode-programs")) == 2  # batch 1 (at start-up) and >4
     torch.testing.assert_close(got, want, atol=0.05, rtol=0)  # bf16
+    # A later engine loads the >4-row program from disk (the opaque op included) and finds its own copies.
+    again = ModelRunner(q4_model_dir, EngineConfig(dtype="bfloat16", num_gpu_blocks=16, block_size=4,
+                                                   device_type="cpu"))
+    again.k_cache.copy_(runner.k_cache)
+    again.v_cache.copy_(runner.v_cache)
+    caplog.clear()
+    with torch.inference_mode(), caplog.at_level("INFO", logger="lmwrap_engine"):
+        assert torch.equal(again.decode_graphs.run(**step), got)
+    assert any(r.getMessage().startswith("loaded") and "batch" in r.getMessage() for r in caplog.records), caplog.text
