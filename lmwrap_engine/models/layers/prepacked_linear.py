@@ -5,7 +5,8 @@ re-lays it out on every call (bf16). A copy prepacked once (``mkldnn._reorder_li
 with ``mkldnn._linear_pointwise`` skips that, and oneDNN's kernels are much faster than MKL's sgemm at
 the few-to-tens of rows of a batched decode step. Measured on a 2-core AVX-512 (no BF16) Xeon, 2
 threads, fp32, SmolLM2-135M shapes, 30 layers: 32 rows 91.3 -> 32.4 ms, 128 rows level, 512 rows 493
--> 468 ms; the 49152 x 576 LM head at 8 rows 18.4 -> 7.8 ms. bf16 (2-core AMX Xeon): the same bits
+-> 468 ms (at 4096 rows the 576 x 3072 product 1.2x slower, the 1536 x 576 one level); the 49152 x 576
+LM head at 8 rows 18.4 -> 7.8 ms. bf16 (2-core AMX Xeon): the same bits
 as ``F.linear``, 32 rows 10.3 -> 6.4 ms. fp32 results are oneDNN's rounding, not MKL's: equal to
 float rounding, not bit for bit.
 
@@ -32,7 +33,11 @@ class PackedWeight:
     def __init__(self, weight: torch.Tensor):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
         self.weight_ref = weakref.ref(weight)
-        self.key = (weight.data_ptr(), tuple(weight.shape), weight.dtype)
+        self.key = _key(weight)
+
+
+def _key(weight: torch.Tensor) -> tuple:
+    return weight.data_ptr(), tuple(weight.shape), weight.dtype
 
 
 _REGISTRY: "weakref.WeakValueDictionary[tuple, PackedWeight]" = weakref.WeakValueDictionary()
@@ -54,7 +59,7 @@ def prepack(weight: torch.Tensor) -> Optional[PackedWeight]:
 
 
 def _lookup(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
-    entry = _REGISTRY.get((weight.data_ptr(), tuple(weight.shape), weight.dtype))
+    entry = _REGISTRY.get(_key(weight))
     if entry is None or x.dtype != weight.dtype or entry.weight_ref() is None:
         return None
     return entry.packed

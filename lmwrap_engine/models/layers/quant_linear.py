@@ -147,7 +147,7 @@ def prepack_dense_weights(model: nn.Module) -> int:
     :class:`~.bf16_decode_linear.Bf16DecodeLinear`'s, the LM head's included) a oneDNN-blocked copy,
     which those calls then take, eager and compiled (``prepacked_linear.py``). Measured on a 2-core
     AMX Xeon, bf16, SmolLM2-135M: TTFT of a 128-token prompt 71 -> 60 ms, the same bits; on a 2-core
-    AVX-512 (no BF16) Xeon, fp32 (``auto``), the 5-32-row matmuls of batched decode 2-3x faster. The copies
+    AVX-512 (no BF16) Xeon, fp32 (``auto``), the 5-32-row matmuls of batched decode 1.5-3.7x faster. The copies
     cost the dense weights' bytes again. Call it after the model's last ``.to()``, on the thread that runs
     the model (parallel torch ops on a second thread start a second OpenMP pool: bf16 matmuls then ran
     1.3-1.4x slower here). Returns how many."""
