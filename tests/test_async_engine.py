@@ -218,3 +218,24 @@ def test_a_failing_output_callback_does_not_stop_the_engine(engine):
     engine.submit(901, [5, 6, 7], params, broken)
     wait_until_all_blocks_free(engine)
     assert run(collect(engine, MESSAGES, 902, GREEDY))[-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_load_tokenizer_gives_autotokenizers_pick(tiny_model_dir, arch, monkeypatch):
+    """A llama folder naming the generic fast tokenizer skips AutoTokenizer (1 s of a cold start) for the
+    same tokenizer; others (transformers 5 gives qwen2 its own class) still go through it."""
+    import transformers
+    from lmwrap_engine.async_engine import load_tokenizer
+    path = tiny_model_dir(arch)
+    auto = transformers.AutoTokenizer.from_pretrained(path)
+    consulted = []
+    real = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: consulted.append(a) or real(*a, **k))
+    ours = load_tokenizer(path)
+    assert bool(consulted) == (arch != "llama")
+    assert type(ours) is type(auto)
+    text = "<|im_start|>user\nName three rivers<|im_end|>\n"
+    assert ours.encode(text) == auto.encode(text) and ours.decode(ours.encode(text)) == auto.decode(auto.encode(text))
+    assert (ours.special_tokens_map, ours.chat_template, ours.eos_token_id) == (
+        auto.special_tokens_map, auto.chat_template, auto.eos_token_id)

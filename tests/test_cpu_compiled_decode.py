@@ -4,6 +4,9 @@ transformers, sessions / prefix cache / preemption through it, the switches, and
 Tiny models keep each compile short (~40 s for the first test with a cold inductor cache, seconds warm)."""
 import logging
 import os
+import platform
+import subprocess
+import sys
 import time
 
 import pytest
@@ -206,3 +209,32 @@ def test_programs_are_saved_and_loaded_by_the_next_engine(tiny_model_dir, tmp_pa
     assert one.token_ids == outputs[0][0]
     assert any("could not load the compiled decode program" in r.getMessage() for r in caplog.records)
     assert sum(f.stat().st_size > 100 for f in files) == 1
+
+
+VEC_ISA_PROBE = """
+import sys
+from torch._inductor import config, cpu_vec_isa
+from lmwrap_engine.engine.cpu_programs import vec_isa
+picked = vec_isa()
+print(picked, config.cpp.vec_isa_ok, picked == str(cpu_vec_isa.pick_vec_isa()), sep="|")
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the record is kept for x86 CPUs only")
+def test_inductors_instruction_set_probe_runs_once_per_machine(tmp_path):
+    """The first process probes (and records what passed); a later one skips the probes and picks the
+    same set; a record that does not cover every set the CPU reports keeps the probes on."""
+    env = {**os.environ, "LMWRAP_CACHE": str(tmp_path)}
+
+    def probe():
+        out = subprocess.run([sys.executable, "-c", VEC_ISA_PROBE], env=env, check=True, capture_output=True,
+                             text=True).stdout.strip().split("|")
+        return out[0], out[1], out[2]
+
+    first, ok_flag, consistent = probe()
+    assert ok_flag == "None" and consistent == "True"
+    [record] = (tmp_path / "vec-isa").iterdir()
+    assert first in record.read_text().split("\n")
+    assert probe() == (first, "True", "True")
+    record.write_text("\n".join(record.read_text().split("\n")[:-1] + ["one that failed"]))
+    assert probe() == (first, "None", "True")

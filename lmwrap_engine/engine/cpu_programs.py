@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import platform
 import sys
 import time
 from typing import Any, Callable, Tuple
@@ -72,12 +73,52 @@ def _tensors_signature(model: torch.nn.Module) -> str:
     return "\n".join(lines)
 
 
+def vec_isa() -> str:
+    """The instruction set inductor generates CPU code for (``str(pick_vec_isa())``), without its probes.
+
+    Inductor's first ``pick_vec_isa()`` in a process compiles a probe for each instruction set the CPU
+    reports and loads it in a child Python, to learn which ones the compiler and loader handle: 1.5 s of
+    a 10 s warm start on a 2-core Xeon. That answer depends only on torch, the compiler and the CPU, so
+    it is kept on disk under their digest. A later process that finds every set the CPU reports
+    recorded as passing tells inductor so (``config.cpp.vec_isa_ok``), which skips the probes and picks
+    what they would; if one failed, the probes run every time, as without the record. (x86 only.)
+    """
+    from torch._inductor import config as inductor_config
+    from torch._inductor import cpu_vec_isa
+    if platform.machine() not in ("x86_64", "AMD64") or inductor_config.cpp.vec_isa_ok is not None:
+        return str(cpu_vec_isa.pick_vec_isa())
+    flags = cpu_vec_isa.x86_isa_checker()
+    reported = [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list
+                if all(flag in flags for flag in str(isa).split())]
+    h = hashlib.sha256()
+    for part in (torch.__version__, sys.executable, os.environ.get("CXX", ""), os.environ.get("PATH", ""),
+                 *reported):
+        h.update(part.encode())
+        h.update(b"\0")
+    folder = os.path.join(cache_root(), "vec-isa")
+    record = os.path.join(folder, f"{h.hexdigest()[:32]}.txt")
+    if os.path.exists(record):
+        with open(record) as f:
+            if f.read().split("\n") == reported:
+                inductor_config.cpp.vec_isa_ok = True
+        return str(cpu_vec_isa.pick_vec_isa())
+    picked = str(cpu_vec_isa.pick_vec_isa())  # runs the probes
+    try:
+        os.makedirs(folder, exist_ok=True)
+        partial = f"{record}.{os.getpid()}.tmp"
+        with open(partial, "w") as f:
+            f.write("\n".join(str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()))
+        os.replace(partial, record)
+    except OSError:  # a read-only cache: the next process probes again
+        pass
+    return picked
+
+
 def program_path(model: torch.nn.Module, model_config: str, kind: str) -> str:
     """Where the program for ``model`` (configured by ``model_config``, e.g. ``repr(ModelArgs)``) and
     batch ``kind`` is kept."""
-    from torch._inductor.cpu_vec_isa import pick_vec_isa  # the instructions inductor generates for
     h = hashlib.sha256()
-    for part in (torch.__version__, sys.version, torch.backends.cpu.get_cpu_capability(), str(pick_vec_isa()),
+    for part in (torch.__version__, sys.version, torch.backends.cpu.get_cpu_capability(), vec_isa(),
                  _source_digest(), model_config, _tensors_signature(model), kind):
         h.update(part.encode())
         h.update(b"\0")
