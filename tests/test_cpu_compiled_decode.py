@@ -16,11 +16,10 @@ from tiny_models import (assert_all_blocks_free, assert_compiled_decode_matches_
                          reference_greedy, tiny_config)
 
 from kernels import reference
-from kernels.cpu_kv_cache import fill_kv_cache_padded
+from kernels.cpu_kv_cache import fill_kv_cache_slots
 from lmwrap_engine import GenerationConfig, pipeline
 from lmwrap_engine.engine import cpu_graphs, cpu_programs
 from lmwrap_engine.engine.cpu_graphs import CompiledDecode
-from lmwrap_engine.engine.cuda_graph import graph_batch_sizes
 
 PROMPTS = ["hello world", "The capital of France is Paris. The capital of Italy is", "a",
            "def add(a, b):\n    return a + b\n# numbers 0 1 2 3 4 5 6 7 8 9", "Name three rivers:",
@@ -45,16 +44,18 @@ def _expected(pipe, ref, prompts, lens):
     return out
 
 
-def test_padded_cache_write_skips_padding_rows():
+def test_compiled_steps_cache_write_matches_the_reference_and_refuses_a_padding_slot():
     torch.manual_seed(0)
-    k, v = torch.randn(4, 2, 8), torch.randn(4, 2, 8)
-    slots = torch.tensor([5, -1, 9, -1])
+    k, v = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    slots = torch.tensor([5, 9, 15])
     caches = [torch.randn(4, 4, 2, 8) for _ in range(2)]
     expected = [c.clone() for c in caches]
     reference.fill_kv_cache(k, v, *expected, slots)
-    fill_kv_cache_padded(k, v, *caches, slots)
+    fill_kv_cache_slots(k, v, *caches, slots)
     for got, want in zip(caches, expected):
         assert torch.equal(got, want)
+    with pytest.raises(IndexError):  # the compiled steps never pad; a padding slot must not write anywhere
+        fill_kv_cache_slots(k, v, *caches, torch.tensor([5, -1, 9]))
 
 
 def test_compiled_decode_is_token_identical_to_transformers(tiny_model_dir):
@@ -73,21 +74,6 @@ def test_compiled_decode_is_token_identical_to_transformers(tiny_model_dir):
 def test_compiled_logits_match_eager_logits(tiny_model_dir):
     with pipeline(tiny_model_dir("llama"), tiny_config(block_size=4)) as pipe:
         assert_compiled_decode_matches_eager(_runner(pipe))
-
-
-def test_padded_batches_through_the_compiled_step(tiny_model_dir):
-    """Padded up a ladder like the CUDA graphs: padding rows (slot -1, kv_len 0) change nothing."""
-    path = tiny_model_dir("llama")
-    ref = load_reference(path)
-    prompts, lens = PROMPTS[:3], OUTPUT_LENS[:3]
-    with pipeline(path, tiny_config(block_size=4)) as pipe:
-        graphs = _runner(pipe).decode_graphs
-        graphs.batch_sizes = graph_batch_sizes(8)  # 3 rows run as 4
-        configs = [GenerationConfig(max_new_tokens=n, ignore_eos=True) for n in lens]
-        got = [r.token_ids for r in pipe(prompts, gen_config=configs, do_preprocess=False)]
-        assert graphs.num_runs > 0 and not graphs.failed
-        assert_all_blocks_free(pipe)
-    assert got == _expected(pipe, ref, prompts, lens)
 
 
 def test_sessions_prefix_cache_and_preemption_through_the_compiled_step(tiny_model_dir, monkeypatch):

@@ -78,7 +78,7 @@ class CompiledDecode(DecodeGraphs):
                  model_config: str = ""):
         super().__init__(model, step_context, max_batch_size, max(max_blocks_per_seq, MIN_WIDTH), hidden_size,
                          dtype, device, capture=False)
-        self.batch_sizes = list(range(1, max_batch_size + 1))
+        self.batch_sizes = list(range(1, max_batch_size + 1))  # never padded: the KV write takes real slots only
         self.computes_logits = True
         self.failed = False
         self.model_config = model_config

@@ -6,7 +6,7 @@ from torch import nn
 
 import kernels
 from kernels import cpu_attention
-from kernels.cpu_kv_cache import fill_kv_cache_padded
+from kernels.cpu_kv_cache import fill_kv_cache_slots
 
 
 class PagedAttention(nn.Module):
@@ -25,7 +25,7 @@ class PagedAttention(nn.Module):
         """``q [T, H, D]``, ``k/v [T, Hk, D]`` for this step's tokens -> ``[T, H, D]``."""
         ctx = self.step_context.get()
         if ctx.traceable:  # a compiled decode step: no int8 KV, no host syncs (engine/cpu_graphs.py)
-            fill_kv_cache_padded(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+            fill_kv_cache_slots(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
             return cpu_attention.paged_decode_attention(q, self.k_cache, self.v_cache, ctx.decode_block_tables,
                                                         ctx.decode_kv_lens, self.scale)
         quant = dict(k_scales_zeros=self.k_scales_zeros, v_scales_zeros=self.v_scales_zeros)
