@@ -371,3 +371,60 @@ def test_bf16_int4_decode_of_more_than_4_rows_compiles_ahead_of_time(q4_model_di
     with torch.inference_mode(), caplog.at_level("INFO", logger="lmwrap_engine"):
         assert torch.equal(again.decode_graphs.run(**step), got)
     assert any(r.getMessage().startswith("loaded") and "batch" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_q8_lattice_recovers_gguf_q8_0_weights_exactly():
+    from lmwrap_engine.models.layers.q8_weight import find_q8_lattice
+    torch.manual_seed(0)
+    w = gguf_roundtrip(torch.randn(96, 128) * 0.1, Q.Q8_0)
+    w[3, :32] = 0  # an all-zero group
+    q8 = find_q8_lattice(w)
+    assert q8.values.dtype == torch.int8 and q8.values.abs().max() == 127
+    rebuilt = (q8.values.view(96, 4, 32).float() * q8.step[..., None]).view(96, 128)
+    assert torch.equal(rebuilt, w)
+    for other in (torch.randn(96, 128) * 0.1, gguf_roundtrip(torch.randn(96, 128) * 0.1, Q.Q4_1)):
+        assert find_q8_lattice(other) is None
+    x = torch.randn(1, 128)
+    compiled = torch.compile(lambda x: q8.single_row(x), fullgraph=True)(x)
+    torch.testing.assert_close(compiled, x @ w.T, atol=1e-5, rtol=1e-5)  # fp32 products of the exact weights
+
+
+@pytest.fixture(scope="module")
+def q8_head_model_dir(q4_model_dir, tmp_path_factory):
+    """``q4_model_dir`` with its LM head stored as Q8_0, as GGUF files store the (tied) token embedding."""
+    from transformers import AutoModelForCausalLM
+    dst = str(tmp_path_factory.mktemp("q8") / "llama-q8-head")
+    model = AutoModelForCausalLM.from_pretrained(q4_model_dir, torch_dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(gguf_roundtrip(model.lm_head.weight, Q.Q8_0))
+    model.save_pretrained(dst, safe_serialization=True)
+    for f in os.listdir(q4_model_dir):
+        if not f.endswith((".safetensors", "config.json")) or f.startswith("tokenizer"):
+            shutil.copy(os.path.join(q4_model_dir, f), dst)
+    return dst
+
+
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_q8_0_lm_head_serves_the_compiled_batch_1_step_in_int8(q8_head_model_dir, q4_model_dir, fast_bf16, monkeypatch,
+                                                               tmp_path):
+    """A Q8_0-stored head keeps an int8 form that the compiled batch-1 step reads (fp32 model under auto on
+    a CPU without fast bf16, and a bf16 model); that step gives the eager step's logits; a head off the
+    lattice gets none."""
+    from lmwrap_engine.models.layers import q8_weight
+    monkeypatch.setattr(model_runner, "cpu_has_fast_bf16", lambda: fast_bf16)
+    monkeypatch.setenv("LMWRAP_CPU_COMPILE", "1")
+    monkeypatch.setenv("LMWRAP_CACHE", str(tmp_path))  # compiled here, not loaded: the trace is seen
+    traced = []
+    single_row = q8_weight.Q8Weight.single_row
+    monkeypatch.setattr(q8_weight.Q8Weight, "single_row", lambda self, x: traced.append(x.shape) or single_row(self, x))
+    runner = ModelRunner(q8_head_model_dir, EngineConfig(num_gpu_blocks=16, block_size=4, device_type="cpu"))
+    assert runner.dtype == (torch.bfloat16 if fast_bf16 else torch.float32)
+    head = runner.model.lm_head
+    assert head.q8 is not None and head.q8.step.dtype == torch.float32
+    torch.testing.assert_close(head.q8.values.float().view(head.out_features, -1, 32) * head.q8.step[..., None],
+                               load_reference(q8_head_model_dir).lm_head.weight.view(head.out_features, -1, 32),
+                               atol=0, rtol=0)
+    assert_compiled_decode_matches_eager(runner, atol=2e-2 if not fast_bf16 else 5e-2)
+    assert traced and all(shape[0] == 1 for shape in traced)
+    plain = ModelRunner(q4_model_dir, EngineConfig(num_gpu_blocks=16, block_size=4, device_type="cpu", eager_mode=True))
+    assert plain.model.lm_head.q8 is None

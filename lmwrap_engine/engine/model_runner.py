@@ -14,6 +14,7 @@ from ..models.config import ModelArgs
 from ..models.layers.attention import PagedAttention
 from ..models.layers.int8_linear import convert_int8_linears
 from ..models.layers.bf16_decode_linear import convert_bf16_decode_linears
+from ..models.layers.q8_weight import find_q8_lattice
 from ..models.layers.quant_linear import convert_int4_linears, int4_pays_off, prepack_dense_weights
 from ..models.registry import build_model
 from .context import ForwardContext, StepContext
@@ -147,7 +148,9 @@ class ModelRunner:
             else:
                 # tp > 1: each rank reads only its slices of the checkpoint
                 model.load_weights(iterate_weights(model_dir, lazy=self.args.tp_size > 1))
+            head_q8 = None
             if int4:
+                head_q8 = find_q8_lattice(model.lm_head.weight) if hasattr(model, "lm_head") else None
                 convert_int4_linears(model, self.dtype, self.small_batch_dtype)
                 model = model.to(self.dtype)  # (the 4-bit kernel's scales keep their dtype)
             # after int4: linears kept 4-bit are no nn.Linear any more
@@ -155,6 +158,9 @@ class ModelRunner:
                 convert_int8_linears(model, self.small_batch_dtype)
             elif self.small_batch_dtype != self.dtype:
                 convert_bf16_decode_linears(model)
+            if head_q8 is not None and hasattr(model.lm_head, "q8"):  # after the last .to(): fp32 steps
+                model.lm_head.q8 = head_q8
+                logger.info("LM head kept 8-bit (GGUF Q8_0) for the compiled batch-1 step")
             if self.device.type == "cpu":
                 prepack_dense_weights(model)  # after the last .to()
         return model.eval()

@@ -41,12 +41,13 @@ class Bf16DecodeLinear(nn.Module):
         self.out_features, self.in_features = linear.weight.shape
         self.register_buffer("weight_bf16", linear.weight.detach().to(torch.bfloat16), persistent=False)
         self.packed_dense = None  # the fp32 weight's oneDNN copy, see quant_linear.prepack_dense_weights
+        self.q8 = None  # the weight's int8 form for compiled single rows, where it has one (q8_weight.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() > MAX_BF16_ROWS * self.in_features:
             return prepacked_linear.linear(x, self.weight, self.bias)
-        if is_compiled_single_row(x):  # fp32 activations, one fused pass over the bf16 weight
-            y = single_row_linear(x, self.weight_bf16)
+        if is_compiled_single_row(x):  # fp32 activations, one fused pass over the bf16 (or int8) weight
+            y = single_row_linear(x, self.weight_bf16) if self.q8 is None else self.q8.single_row(x)
         else:
             y = F.linear(x.to(torch.bfloat16), self.weight_bf16).to(x.dtype)
         return y if self.bias is None else y + self.bias
