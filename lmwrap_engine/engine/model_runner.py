@@ -13,7 +13,7 @@ from ..loader.safetensors import iterate_weights
 from ..models.config import ModelArgs
 from ..models.layers.attention import PagedAttention
 from ..models.layers.int8_linear import convert_int8_linears
-from ..models.layers.bf16_decode_linear import convert_bf16_decode_linears
+from ..models.layers.bf16_decode_linear import Bf16DecodeLinear, convert_bf16_decode_linears
 from ..models.layers.q8_weight import find_q8_lattice
 from ..models.layers.quant_linear import convert_int4_linears, int4_pays_off, prepack_dense_weights
 from ..models.registry import build_model
@@ -158,7 +158,7 @@ class ModelRunner:
                 convert_int8_linears(model, self.small_batch_dtype)
             elif self.small_batch_dtype != self.dtype:
                 convert_bf16_decode_linears(model)
-            if head_q8 is not None and hasattr(model.lm_head, "q8"):  # after the last .to(): fp32 steps
+            if head_q8 is not None and isinstance(model.lm_head, Bf16DecodeLinear):  # after the last .to()
                 model.lm_head.q8 = head_q8
                 logger.info("LM head kept 8-bit (GGUF Q8_0) for the compiled batch-1 step")
             if self.device.type == "cpu":

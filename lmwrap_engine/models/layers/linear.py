@@ -171,12 +171,11 @@ class ParallelLMHead(nn.Linear):
         self.vocab_start = tp_rank * per_rank
         self.vocab_end = min(vocab_size, self.vocab_start + per_rank)
         super().__init__(hidden_size, per_rank, bias=False)
-        self.q8 = None  # the weight's int8 form for compiled single rows, where it has one (q8_weight.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             if is_compiled_single_row(x):
-                return single_row_linear(x, self.weight) if self.q8 is None else self.q8.single_row(x)
+                return single_row_linear(x, self.weight)
             return super().forward(x)
         import torch.distributed as dist
         local = F.linear(x, self.weight).contiguous()
