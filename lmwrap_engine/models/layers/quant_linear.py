@@ -38,7 +38,9 @@ _INNER_K_TILES = 2
 # Rows up to which the 4-bit kernel beats the dense bf16 matmul (1 thread, 2-core AVX-512 BF16 EPYC,
 # SmolLM2-135M shapes: 4-bit 1.5-1.8x faster at 1 row, even at 4, 2x slower at 16).
 MAX_INT4_ROWS = 4
-_ROWS_PER_PASS = 512  # find_int4_lattice: fewer, larger passes (0.6-0.9 s vs 1.2-1.5 s for 64 rows, SmolLM2-135M)
+# find_int4_lattice's rows per pass: SmolLM2-135M's 210 weights in 0.6-0.9 s (whole weights at once 1.5-2.1 s,
+# 64 rows 1.2-1.5 s; 2-core AVX-512 Xeon).
+_ROWS_PER_PASS = 512
 
 
 def find_int4_lattice(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> Optional[Tuple[torch.Tensor, ...]]:
@@ -47,8 +49,8 @@ def find_int4_lattice(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> Opt
 
     Each group is tried as Q4_1 (``min + d q``: the group's min at q = 0, its max at q = 15) and, where
     that fails, as Q4_0 (``d (q - 8)`` with ``d = -x / 8`` for the group's largest-magnitude value ``x``,
-    so ``d`` may be negative). Rows go ``_ROWS_PER_PASS`` at a time, so the temporaries stay in cache
-    and a weight off the lattice is rejected at its first block of rows.
+    so ``d`` may be negative). Rows go ``_ROWS_PER_PASS`` at a time (smaller temporaries), and a weight
+    off the lattice is rejected at its first block of rows.
     """
     n, k = weight.shape
     if k % group_size or n % 16:
