@@ -79,8 +79,6 @@ def test_prepacked_dense_weight_gives_the_dense_linears_bits_for_prefill():
         fp32[0].weight.copy_(dense.weight)
         fp32[0].bias.copy_(dense.bias)
     convert_int4_linears(fp32, torch.float32, kernel_dtype=torch.bfloat16)
-    if not torch.backends.mkldnn.is_available():
-        pytest.skip("no oneDNN in this torch")
     assert prepack_dense_weights(model) == 1 and prepack_dense_weights(fp32) == 1
     layer = model[0]
     assert layer.packed_dense is not None and model[1][0].__class__ is nn.Linear
@@ -94,8 +92,9 @@ def test_prepacked_dense_weight_gives_the_dense_linears_bits_for_prefill():
 
 
 def test_compiled_steps_reach_the_prepacked_weights(monkeypatch):
-    """The packed copy never enters a graph: the opaque op takes the plain weight and finds the copy at
-    run time, eager and inside an inductor-compiled function alike; without a copy it is ``F.linear``."""
+    """The packed copy never enters a graph: the lookup takes the plain weight and finds the copy at run
+    time, eager (called directly) and inside an inductor-compiled function (through the opaque op) alike;
+    without a copy it is ``F.linear``."""
     from lmwrap_engine.models.layers import prepacked_linear
     if not torch.backends.mkldnn.is_available():
         pytest.skip("no oneDNN in this torch")

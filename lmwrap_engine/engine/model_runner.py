@@ -148,15 +148,17 @@ class ModelRunner:
             else:
                 # tp > 1: each rank reads only its slices of the checkpoint
                 model.load_weights(iterate_weights(model_dir, lazy=self.args.tp_size > 1))
+            bf16_decode = self.config.weight_quant != "int8" and self.small_batch_dtype != self.dtype
             head_q8 = None
             if int4:
-                head_q8 = find_q8_lattice(model.lm_head.weight) if hasattr(model, "lm_head") else None
+                if bf16_decode and hasattr(model, "lm_head"):  # only a Bf16DecodeLinear head uses it
+                    head_q8 = find_q8_lattice(model.lm_head.weight)
                 convert_int4_linears(model, self.dtype, self.small_batch_dtype)
                 model = model.to(self.dtype)  # (the 4-bit kernel's scales keep their dtype)
             # after int4: linears kept 4-bit are no nn.Linear any more
             if self.config.weight_quant == "int8":
                 convert_int8_linears(model, self.small_batch_dtype)
-            elif self.small_batch_dtype != self.dtype:
+            elif bf16_decode:
                 convert_bf16_decode_linears(model)
             if head_q8 is not None and isinstance(model.lm_head, Bf16DecodeLinear):  # after the last .to()
                 model.lm_head.q8 = head_q8

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .linear import realized
-from .quant_linear import EXACT_TOLERANCE, GROUP_SIZE
+from .quant_linear import GROUP_SIZE, fit_lattice
 
 _ROWS_PER_PASS = 512  # find_q8_lattice: blocks of rows (the temporaries stay small; 0.08 s for 49152 x 576)
 
@@ -53,10 +53,10 @@ def find_q8_lattice(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> Optio
     values, steps = [], []
     for start in range(0, n, _ROWS_PER_PASS):
         w = weight[start:start + _ROWS_PER_PASS].detach().float().view(-1, k // group_size, group_size)
-        step = w.abs().amax(-1) / 127
-        q = (w / torch.where(step != 0, step, torch.ones_like(step))[..., None]).round_()
-        err = (q * step[..., None] - w).abs_().amax(-1)
-        if not bool((err <= EXACT_TOLERANCE * step).all()):
+        largest = w.abs().amax(-1)
+        step = largest / 127
+        q, ok = fit_lattice(w, step, torch.zeros_like(step), largest, (-127, 127))
+        if not bool(ok.all()):
             return None
         values.append(q.to(torch.int8).view(-1, k))
         steps.append(step)

@@ -61,10 +61,10 @@ def find_int4_lattice(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> Opt
         lo, hi = w.amin(-1), w.amax(-1)
         largest = torch.where(hi.abs() > lo.abs(), hi, lo)
         step, base = (hi - lo) / 15, lo
-        q, ok = _fit_lattice(w, step, base, largest)
+        q, ok = fit_lattice(w, step, base, largest)
         if not bool(ok.all()):
             sym_step = -largest / 8
-            sym_q, sym_ok = _fit_lattice(w, sym_step, -8 * sym_step, largest)
+            sym_q, sym_ok = fit_lattice(w, sym_step, -8 * sym_step, largest)
             take = sym_ok & ~ok
             q = torch.where(take[..., None], sym_q, q)
             step, base = torch.where(take, sym_step, step), torch.where(take, -8 * sym_step, base)
@@ -76,10 +76,12 @@ def find_int4_lattice(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> Opt
     return torch.cat(qs).view(n, k), torch.cat(steps), torch.cat(bases)
 
 
-def _fit_lattice(w: torch.Tensor, step: torch.Tensor, base: torch.Tensor, largest: torch.Tensor):
-    """``(q, ok)``: each group's nearest lattice points ``base + step * q`` and whether all its weights sit on them."""
+def fit_lattice(w: torch.Tensor, step: torch.Tensor, base: torch.Tensor, largest: torch.Tensor,
+                q_range: Tuple[int, int] = (0, 15)):
+    """``(q, ok)`` for groups ``w [..., g]``: each group's nearest lattice points ``base + step * q`` (``q`` in
+    ``q_range``) and whether all its weights sit on them (``largest``: the group's largest magnitude)."""
     safe = torch.where(step != 0, step, torch.ones_like(step))
-    q = ((w - base[..., None]) / safe[..., None]).round_().clamp_(0, 15)
+    q = ((w - base[..., None]) / safe[..., None]).round_().clamp_(*q_range)
     err = (q * step[..., None] + base[..., None] - w).abs_().amax(-1)
     return q, err <= EXACT_TOLERANCE * step.abs() + 1e-6 * largest.abs()
 
