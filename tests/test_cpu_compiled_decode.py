@@ -169,12 +169,13 @@ def test_programs_are_saved_and_loaded_by_the_next_engine(tiny_model_dir, tmp_pa
             with pipeline(path, tiny_config(block_size=4), log_level="INFO") as pipe:
                 outputs.append(_generate(pipe))
                 assert set(_runner(pipe).decode_graphs.programs) == {"1", "2..4", ">4"}
-        messages.append([r.getMessage() for r in caplog.records if "the CPU decode step for batch" in r.getMessage()])
+        messages.append([r.getMessage() for r in caplog.records
+                         if "the CPU decode step for batch" in r.getMessage() or "the CPU prefill step" in r.getMessage()])
     assert outputs[0] == outputs[1]
-    assert len(messages[0]) == 3 and all(m.startswith("compiled and saved") for m in messages[0])
-    assert len(messages[1]) == 3 and all(m.startswith("loaded") for m in messages[1])
+    assert len(messages[0]) == 4 and all(m.startswith("compiled and saved") for m in messages[0])
+    assert len(messages[1]) == 4 and all(m.startswith("loaded") for m in messages[1])
     files = sorted((tmp_path / "decode-programs").iterdir())
-    assert len(files) == 3
+    assert len(files) == 4  # batch 1, 2..4, >4, and the prefill and mixed steps
 
     stale = tmp_path / "decode-programs" / "decode-stale.bin"  # unused for longer than UNUSED_DAYS
     stale.write_bytes(b"old")
@@ -183,18 +184,18 @@ def test_programs_are_saved_and_loaded_by_the_next_engine(tiny_model_dir, tmp_pa
     with pipeline(path, tiny_config(block_size=8)) as pipe:  # another KV cache shape: other programs
         pipe("hello", gen_config=GenerationConfig(max_new_tokens=2, ignore_eos=True), do_preprocess=False)
     assert not stale.exists()  # pruned when the new program was saved
-    assert len(list((tmp_path / "decode-programs").iterdir())) == 4
+    assert len(list((tmp_path / "decode-programs").iterdir())) == 6  # + its batch-1 and prefill programs
 
     for f in files:
         f.write_bytes(f.read_bytes()[:100])
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="lmwrap_engine"):
-        with pipeline(path, tiny_config(block_size=4)) as pipe:  # batch 1 only: one program compiled over
+        with pipeline(path, tiny_config(block_size=4)) as pipe:  # batch 1 and prefill: two compiled over
             one = pipe(PROMPTS[0], gen_config=GenerationConfig(max_new_tokens=OUTPUT_LENS[0], ignore_eos=True),
                        do_preprocess=False)
     assert one.token_ids == outputs[0][0]
     assert any("could not load the compiled decode program" in r.getMessage() for r in caplog.records)
-    assert sum(f.stat().st_size > 100 for f in files) == 1
+    assert sum(f.stat().st_size > 100 for f in files) == 2
 
 
 VEC_ISA_PROBE = """

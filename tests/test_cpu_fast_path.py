@@ -359,7 +359,7 @@ def test_bf16_int4_decode_of_more_than_4_rows_compiles_ahead_of_time(q4_model_di
         got = runner.decode_graphs.run(**step)
     assert not runner.decode_graphs.failed
     assert not [r for r in caplog.records if "ahead of time failed" in r.getMessage()], caplog.text
-    assert len(os.listdir(tmp_path / "decode-programs")) == 2  # batch 1 (at start-up) and >4
+    assert len(os.listdir(tmp_path / "decode-programs")) == 3  # batch 1 and prefill (at start-up), and >4
     torch.testing.assert_close(got, want, atol=0.05, rtol=0)  # bf16
     # A later engine loads the >4-row program from disk (the opaque op included) and finds its own copies.
     again = ModelRunner(q4_model_dir, EngineConfig(dtype="bfloat16", num_gpu_blocks=16, block_size=4,

@@ -23,6 +23,19 @@ class ForwardContext:
     # A decode-only step traced by torch.compile (cpu_graphs.py): attention takes the traceable
     # sync-free kernels, which read the cache in place over the block table's full width.
     traceable: bool = False
+    # A prefill or mixed step traced by torch.compile (cpu_steps.py): attention is one opaque op that
+    # reads the step's metadata from these fixed buffers (kernels/cpu_attention_step.py).
+    step_buffers: Optional["StepBuffers"] = None
+
+
+@dataclass
+class StepBuffers:
+    """Fixed-size metadata of a compiled prefill or mixed step; layout in ``kernels/cpu_attention_step.py``."""
+
+    block_tables: torch.Tensor  # [max_batch, max_blocks], decode rows first
+    kv_lens: torch.Tensor       # [max_batch]
+    cu_seqlens_q: torch.Tensor  # [max_batch + 1] offsets of the prefill chunks within the prefill rows
+    counts: torch.Tensor        # [3]: sequences, decode rows, widest table in use
 
 
 class StepContext:

@@ -20,6 +20,7 @@ from ..models.registry import build_model
 from .context import ForwardContext, StepContext
 from .cpu_features import cpu_has_fast_bf16, physical_cores
 from .cpu_graphs import CompiledDecode, cpu_compile_wanted
+from .cpu_steps import CompiledSteps
 from .cuda_graph import DecodeGraphs
 from .scheduler import ScheduledBatch
 
@@ -111,10 +112,12 @@ class ModelRunner:
         self.block_size = config.block_size
         self.num_blocks = self._allocate_kv_cache()
         self.decode_graphs = None
+        self.compiled_steps = None  # CPU: the prefill and mixed steps
         if self.device.type == "cuda" and not config.eager_mode:
             self.decode_graphs = self.make_decode_graphs(capture=True)
         elif self.device.type == "cpu" and cpu_compile_wanted(config):
             self.decode_graphs = self.make_compiled_decode()
+            self.compiled_steps = self.make_compiled_steps()
 
     def make_decode_graphs(self, capture: bool) -> DecodeGraphs:
         """Decode through fixed buffers: captured as CUDA graphs, or run eagerly (``capture=False``)."""
@@ -131,6 +134,13 @@ class ModelRunner:
                                 self.dtype, self.device, model_config=repr(self.args))
         graphs.warm_up()
         return graphs
+
+    def make_compiled_steps(self) -> CompiledSteps:
+        """Prefill and mixed steps through an inductor-compiled forward (CPU), compiled or loaded now."""
+        steps = CompiledSteps(self.model, self.step_context, self.decode_graphs.max_batch_size,
+                              self.decode_graphs.max_blocks_per_seq, self.device, model_config=repr(self.args))
+        steps.warm_up(self.block_size)
+        return steps
 
     def _load_model(self, model_dir: str) -> torch.nn.Module:
         # A float32 checkpoint (a converted GGUF) loads in fp32 first, so that 4-bit weights are
@@ -263,8 +273,11 @@ class ModelRunner:
             with self.step_context.use(ctx):
                 hidden = self.model(input_ids, positions, embeds)
             return self.model.compute_logits(hidden[logits_indices])
-        with self.step_context.use(ctx):
-            hidden = self.model(input_ids, positions)
+        if self._fits_compiled_steps(batch, input_ids):
+            hidden = self.compiled_steps.run(input_ids, positions, ctx)
+        else:
+            with self.step_context.use(ctx):
+                hidden = self.model(input_ids, positions)
         return self.model.compute_logits(hidden[logits_indices])
 
     def copy_blocks(self, pairs) -> None:
@@ -281,6 +294,12 @@ class ModelRunner:
         return (graphs is not None and batch.num_decode_seqs == len(batch.seqs) <= graphs.max_batch_size
                 and all(len(s.block_table) <= graphs.max_blocks_per_seq for s in batch.seqs)
                 and all(s.token_ids[s.num_computed_tokens] < self.args.vocab_size for s in batch.seqs))
+
+    def _fits_compiled_steps(self, batch: ScheduledBatch, input_ids: torch.Tensor) -> bool:
+        steps = self.compiled_steps
+        return (steps is not None
+                and steps.fits(input_ids.shape[0], len(batch.seqs), max(len(s.block_table) for s in batch.seqs))
+                and 0 <= int(input_ids.min()) and int(input_ids.max()) < self.args.vocab_size)
 
     def _run_decode_graphs(self, batch: ScheduledBatch) -> torch.Tensor:
         bs = self.block_size

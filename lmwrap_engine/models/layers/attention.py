@@ -6,6 +6,7 @@ from torch import nn
 
 import kernels
 from kernels import cpu_attention
+from kernels.cpu_attention_step import paged_attention_step
 from kernels.cpu_kv_cache import fill_kv_cache_slots
 
 
@@ -28,6 +29,10 @@ class PagedAttention(nn.Module):
             fill_kv_cache_slots(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
             return cpu_attention.paged_decode_attention(q, self.k_cache, self.v_cache, ctx.decode_block_tables,
                                                         ctx.decode_kv_lens, self.scale)
+        if ctx.step_buffers is not None:  # a compiled prefill or mixed step (engine/cpu_steps.py)
+            b = ctx.step_buffers
+            return paged_attention_step(q, k, v, self.k_cache, self.v_cache, ctx.slot_mapping, b.block_tables,
+                                        b.kv_lens, b.cu_seqlens_q, b.counts, self.scale)
         quant = dict(k_scales_zeros=self.k_scales_zeros, v_scales_zeros=self.v_scales_zeros)
         kernels.fill_kv_cache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, **quant)
         n = ctx.num_decode_tokens
