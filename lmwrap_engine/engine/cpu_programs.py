@@ -1,4 +1,5 @@
-"""Compiled CPU decode programs kept on disk whole, so that a warm start does not trace the model again.
+"""Compiled CPU programs (decode steps, the prefill step) kept on disk whole, so that a warm start does
+not trace the model again.
 
 ``torch.compile``'s own caches (inductor's FX graph cache, AOTAutograd's) keep the generated code, but
 every new process still traces the model with Dynamo to find it: about 6 s for SmolLM2-135M's 30
@@ -41,7 +42,8 @@ PROGRAM_OPTIONS = {"size_asserts": False}
 
 
 def programs_dir() -> str:
-    """``$LMWRAP_CACHE/decode-programs``, else ``~/.cache/lmwrap/decode-programs``."""
+    """``$LMWRAP_CACHE/decode-programs``, else ``~/.cache/lmwrap/decode-programs`` (the prefill program too;
+    the name predates it)."""
     return os.path.join(cache_root(), "decode-programs")
 
 
@@ -140,7 +142,7 @@ def load_or_compile(fn: Callable, example_args: Tuple[Any, ...], path: str) -> T
             os.utime(path)  # in use: kept by the pruning below
             return program, True
         except Exception as exc:
-            logger.warning("could not load the compiled decode program %s (%s: %s); compiling it again",
+            logger.warning("could not load the compiled CPU program %s (%s: %s); compiling it again",
                            path, type(exc).__name__, exc)
     compiled = torch.compile(fn, fullgraph=True, dynamic=False, options=PROGRAM_OPTIONS)
     program = compiled.aot_compile((example_args, {}))
@@ -149,7 +151,7 @@ def load_or_compile(fn: Callable, example_args: Tuple[Any, ...], path: str) -> T
         program.save_compiled_function(path)
         _prune(os.path.dirname(path))
     except Exception as exc:  # a read-only cache: the program still serves this process
-        logger.warning("could not save the compiled decode program to %s (%s: %s)", path, type(exc).__name__, exc)
+        logger.warning("could not save the compiled CPU program to %s (%s: %s)", path, type(exc).__name__, exc)
     program.disable_guard_check()
     return program, False
 
