@@ -295,6 +295,9 @@ def throughput(args) -> None:
     steps = after["num_steps"] - before["num_steps"]
     replays = after["num_graph_replays"] - before["num_graph_replays"]
     how = "replayed from CUDA graphs" if device.type == "cuda" else "run by the compiled decode"
+    if device.type == "cpu":
+        prefills = after["num_compiled_prefill_steps"] - before["num_compiled_prefill_steps"]
+        how += f", {prefills} by the compiled prefill"
     print(f"engine steps : {steps} ({replays} {how}), "
           f"{secs / max(steps, 1) * 1e3:.2f} ms/step, "
           f"{after['num_preemptions'] - before['num_preemptions']} preemptions")

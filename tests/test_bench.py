@@ -212,7 +212,7 @@ def test_bench_throughput_random_weights_sharegpt_like_runs_both_sides(tmp_path)
     assert workload, out
     assert 6 * 4 <= int(workload.group(1)) <= 6 * 48 and 6 * 4 <= int(workload.group(2)) <= 6 * 12
     assert re.search(r"^lmwrap       : +[\d.]+ s +[\d.]+ output tok/s +[\d.]+ total tok/s$", out, re.M), out
-    steps = re.search(r"^engine steps : (\d+) \(0 run by the compiled decode\), [\d.]+ ms/step, 0 preemptions$",
+    steps = re.search(r"^engine steps : (\d+) \(0 run by the compiled decode, 0 by the compiled prefill\), [\d.]+ ms/step, 0 preemptions$",
                       out, re.M)
     assert steps, out
     # Every request is in flight at once: at least one step per token of the longest output, at

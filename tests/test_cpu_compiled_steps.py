@@ -117,7 +117,8 @@ def test_prefills_and_mixed_steps_run_compiled_and_match_transformers(tiny_model
         steps = _runner(pipe).compiled_steps
         got = [r.token_ids for r in pipe(prompts, gen_config=configs, do_preprocess=False)]
         assert steps.num_runs >= 2 and not steps.failed
-        assert pipe.stats()["num_prefix_hit_tokens"] > 0
+        stats = pipe.stats()
+        assert stats["num_prefix_hit_tokens"] > 0 and stats["num_compiled_prefill_steps"] == steps.num_runs
         assert_all_blocks_free(pipe)
     for prompt, n, tokens in zip(prompts, lens, got):
         ids = pipe.tokenizer.encode(prompt)

@@ -70,7 +70,8 @@ class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
     num_sessions: int = 0
-    num_graph_replays: int = 0
+    num_graph_replays: int = 0              # decode steps run by CUDA graphs or the compiled CPU decode
+    num_compiled_prefill_steps: int = 0     # prefill / mixed steps run by the compiled CPU prefill program
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -423,6 +424,8 @@ class LLMEngine:
         st.num_sessions = len(self.sessions)
         graphs = self.runner.decode_graphs
         st.num_graph_replays = graphs.num_runs if graphs is not None else 0
+        steps = self.runner.compiled_steps
+        st.num_compiled_prefill_steps = steps.num_runs if steps is not None else 0
         return st.as_dict()
 
 
