@@ -29,10 +29,18 @@ def test_chat_streams_keeps_session_and_exits_on_eof(tiny_model_dir):
     assert "Traceback" not in proc.stderr
 
 
+NEVER_ENDS_POSITIONS = 1 << 17  # a reply of that many tokens outlasts the test by minutes
+
+
 def _model_that_never_ends(src: str, dst: str) -> str:
-    """A copy of ``src`` whose EOS logit is pinned at 0, so greedy replies run on whatever the CPU's rounding."""
+    """A copy of ``src`` whose EOS logit is pinned at 0, so greedy replies run on whatever the CPU's rounding,
+    with room for ``NEVER_ENDS_POSITIONS`` positions (the engine caps a session at the model's)."""
     from safetensors.torch import load_file, save_file
     shutil.copytree(src, dst)
+    config_path = os.path.join(dst, "config.json")
+    config = json.load(open(config_path))
+    config["max_position_embeddings"] = NEVER_ENDS_POSITIONS
+    json.dump(config, open(config_path, "w"))
     weights = load_file(os.path.join(dst, "model.safetensors"))
     eos = json.load(open(os.path.join(dst, "config.json")))["eos_token_id"]
     weights["lm_head.weight"][eos] = 0.0
@@ -43,7 +51,7 @@ def _model_that_never_ends(src: str, dst: str) -> str:
 def test_chat_ctrl_c_stops_a_reply_then_ctrl_c_at_prompt_exits(tiny_model_dir, tmp_path):
     path = _model_that_never_ends(tiny_model_dir("llama"), str(tmp_path / "never-ends"))
     proc = subprocess.Popen(LMWRAP + ["chat", path, "--max-new-tokens", "100000", "--dtype", "float32",
-                                      "--session-len", "1000000"],
+                                      "--session-len", str(NEVER_ENDS_POSITIONS)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stderr = []
     threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()

@@ -254,6 +254,19 @@ def test_session_len_limits_prompt_and_output(model_dir):
         assert_all_blocks_free(pipe)
 
 
+def test_session_len_past_the_models_positions_is_capped_there(model_dir, caplog):
+    """The rotary tables end at max_position_embeddings (1024 for the tiny model): a reply stops there with
+    'length' instead of failing mid-reply at position 1024."""
+    with caplog.at_level("WARNING", logger="lmwrap_engine"):
+        pipe = pipeline(model_dir, tiny_config(session_len=100000, num_gpu_blocks=80))
+    with pipe:
+        assert pipe.session_len == 1024
+        assert any("past the model's max_position_embeddings=1024" in r.getMessage() for r in caplog.records)
+        out = pipe("hello", gen_config=GenerationConfig(max_new_tokens=5000, ignore_eos=True))
+        assert out.finish_reason == "length" and out.input_token_len + out.generate_token_len == 1024
+        assert_all_blocks_free(pipe)
+
+
 def test_prompt_larger_than_the_cache_is_an_error_and_the_engine_keeps_serving(model_dir, singles):
     with pipeline(model_dir, tiny_config(num_gpu_blocks=4)) as pipe:  # 64 tokens of KV
         big = pipe.tokenizer.encode("hello world, this is a test of a tiny tokenizer for tiny models. " * 6)

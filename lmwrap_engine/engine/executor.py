@@ -22,7 +22,7 @@ import torch
 from ..config import EngineConfig
 from ..models.config import ModelArgs
 from ..models.layers.linear import check_tp
-from .model_runner import check_weight_quant, resolve_device, resolve_dtype
+from .model_runner import check_weight_quant, resolve_device, resolve_dtype, resolve_session_len
 from .scheduler import ScheduledBatch
 from .worker import StepInput, worker_main
 
@@ -80,7 +80,7 @@ class ExecutorBase:
             self.device = torch.device("cuda", 0)
         check_weight_quant(config, self.device)  # before any rank starts
         self.dtype = resolve_dtype(config.dtype, self.args, self.device)
-        self.session_len = config.session_len or self.args.max_position_embeddings
+        self.session_len = resolve_session_len(config.session_len, self.args)
         self.block_size = config.block_size
         self.failed: Optional[str] = None
 

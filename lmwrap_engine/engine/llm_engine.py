@@ -424,7 +424,7 @@ class LLMEngine:
         st.num_sessions = len(self.sessions)
         graphs = self.runner.decode_graphs
         st.num_graph_replays = graphs.num_runs if graphs is not None else 0
-        steps = self.runner.compiled_steps
+        steps = getattr(self.runner, "compiled_steps", None)  # (an executor of several ranks has none)
         st.num_compiled_prefill_steps = steps.num_runs if steps is not None else 0
         return st.as_dict()
 

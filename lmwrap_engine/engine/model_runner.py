@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -53,6 +53,17 @@ def resolve_dtype(dtype: str, args: ModelArgs, device: torch.device) -> torch.dt
     if device.type == "cpu":
         return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     return _DTYPES.get(str(args.dtype).replace("torch.", ""), torch.bfloat16)
+
+
+def resolve_session_len(session_len: Optional[int], args: ModelArgs) -> int:
+    """The longest sequence the engine runs: ``session_len``, or the model's ``max_position_embeddings``
+    when unset. A longer ``session_len`` is capped there with a warning: the rotary tables end at that
+    position, and a sequence running past it would fail mid-reply."""
+    limit = args.max_position_embeddings
+    if session_len is not None and session_len > limit:
+        logger.warning("session_len=%d is past the model's max_position_embeddings=%d: sequences stop at %d "
+                       "tokens", session_len, limit, limit)
+    return min(session_len or limit, limit)
 
 
 def small_batch_dtype(requested: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -109,7 +120,7 @@ class ModelRunner:
         self.args.disable_vision_encoder = config.disable_vision_encoder
         self.model = self._load_model(model_dir)
         self.step_context = StepContext()
-        self.session_len = config.session_len or self.args.max_position_embeddings
+        self.session_len = resolve_session_len(config.session_len, self.args)
         self.block_size = config.block_size
         self.num_blocks = self._allocate_kv_cache()
         self.decode_graphs = None
