@@ -36,7 +36,12 @@ def _open(args):
 
 def cmd_chat(args) -> None:
     """Interactive chat: streams tokens, keeps the session's KV cache between turns."""
+    import signal
+
     from .config import GenerationConfig
+    # Ctrl-C stops a reply even where the launcher ignored SIGINT (a non-interactive shell's background
+    # job does, and Python then installs no KeyboardInterrupt handler).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print("loading model ...", file=sys.stderr, flush=True)
     pipe = _open(args)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,

@@ -53,22 +53,27 @@ def test_chat_ctrl_c_stops_a_reply_then_ctrl_c_at_prompt_exits(tiny_model_dir, t
     proc = subprocess.Popen(LMWRAP + ["chat", path, "--max-new-tokens", "100000", "--dtype", "float32",
                                       "--session-len", str(NEVER_ENDS_POSITIONS)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stderr = []
-    threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
-    chunks = []
-    threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True).start()
-    proc.stdin.write("tell me a long story\n")
-    proc.stdin.flush()
-    deadline = time.time() + 120
-    while len(chunks) < 40 and time.time() < deadline:  # the reply is streaming
-        time.sleep(0.05)
-    assert len(chunks) >= 40, "".join(stderr)
-    proc.send_signal(signal.SIGINT)
-    deadline = time.time() + 60
-    while "[stopped]\n" not in "".join(stderr) and time.time() < deadline:
-        time.sleep(0.05)
-    assert "[stopped]" in "".join(stderr)
-    proc.stdin.write("/exit\n")
-    proc.stdin.flush()
-    assert proc.wait(timeout=30) == 0
+    try:
+        stderr = []
+        threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
+        chunks = []
+        threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True).start()
+        proc.stdin.write("tell me a long story\n")
+        proc.stdin.flush()
+        deadline = time.time() + 120
+        while len(chunks) < 40 and time.time() < deadline:  # the reply is streaming
+            time.sleep(0.05)
+        assert len(chunks) >= 40, "".join(stderr)
+        proc.send_signal(signal.SIGINT)
+        deadline = time.time() + 60
+        while "[stopped]\n" not in "".join(stderr) and time.time() < deadline:
+            time.sleep(0.05)
+        assert "[stopped]" in "".join(stderr)
+        proc.stdin.write("/exit\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:  # a failed check must not leave a reply running through the rest of the suite
+            proc.kill()
+            proc.wait()
     assert "Traceback" not in "".join(stderr)
