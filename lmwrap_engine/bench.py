@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ray: tp ranks and dp replicas are Ray actors on the running cluster (RAY_ADDRESS)")
     parser.add_argument("--max-prefill-token-num", type=int, default=4096)
     parser.add_argument("--session-len", type=int, default=None,
-                        help="longest sequence (default: the model's max_position_embeddings)")
+                        help="longest sequence (default, and at most: the model's max_position_embeddings)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                         help="the engine's prefix cache (default on; this workload reuses nothing, so "

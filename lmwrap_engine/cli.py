@@ -22,7 +22,7 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-quant", default=None, choices=["int8"], help=WEIGHT_QUANT_HELP)
     parser.add_argument("--chat-template", default=None, help="built-in template name (see `lmwrap list`)")
     parser.add_argument("--session-len", type=int, default=None,
-                        help="most tokens one session may hold (default: the model's context length)")
+                        help="most tokens one session may hold (default, and at most: the model's context length)")
 
 
 def _open(args):

@@ -38,12 +38,13 @@ def _model_that_never_ends(src: str, dst: str) -> str:
     from safetensors.torch import load_file, save_file
     shutil.copytree(src, dst)
     config_path = os.path.join(dst, "config.json")
-    config = json.load(open(config_path))
+    with open(config_path) as f:
+        config = json.load(f)
     config["max_position_embeddings"] = NEVER_ENDS_POSITIONS
-    json.dump(config, open(config_path, "w"))
+    with open(config_path, "w") as f:
+        json.dump(config, f)
     weights = load_file(os.path.join(dst, "model.safetensors"))
-    eos = json.load(open(os.path.join(dst, "config.json")))["eos_token_id"]
-    weights["lm_head.weight"][eos] = 0.0
+    weights["lm_head.weight"][config["eos_token_id"]] = 0.0
     save_file(weights, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
     return dst
 

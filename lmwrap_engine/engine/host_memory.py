@@ -9,8 +9,9 @@ alternated in one process on a 2-core AVX-512 Xeon guest). Huge pages (2 MiB) ta
 kernel's THP setting is ``madvise`` (the common default) or ``always``; it changes nothing elsewhere.
 Measured across processes on that machine: 17x fewer page faults per 128-token prompt (86 vs 1530),
 first token ~20 ms sooner (236 vs 259 ms, two pairs). The price is resident memory in 2 MiB steps:
-the first request maps up to 120 MiB of SmolLM2-135M's cache (one huge page per layer for K and V)
-instead of ~3 MiB; the cache's budget, and so the most it can hold, is unchanged.
+the cache's first write (the compiled CPU steps' start-up warm-up, else the first request) maps a huge
+page per layer for K and V, 130 MiB of SmolLM2-135M's cache measured (``AnonHugePages``) instead of
+~3 MiB; the cache's budget, and so the most it can hold, is unchanged.
 """
 from __future__ import annotations
 
