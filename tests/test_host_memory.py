@@ -1,16 +1,16 @@
-"""Transparent huge pages for the CPU KV cache (host_memory.py)."""
+"""Transparent huge pages for the CPU KV cache and the small-batch weights (host_memory.py)."""
 import pytest
 import torch
 
 from lmwrap_engine.config import EngineConfig
-from lmwrap_engine.engine.host_memory import advise_huge_pages, huge_page_size
-from lmwrap_engine.engine.model_runner import ModelRunner
+from lmwrap_engine.engine.host_memory import advise_huge_pages, collapse_huge_pages, huge_page_size
+from lmwrap_engine.engine.model_runner import ModelRunner, small_batch_weights
 
 pytestmark = pytest.mark.skipif(huge_page_size() <= 0, reason="no transparent huge pages on this kernel")
 
 
-def vm_flags_at(address: int) -> list:
-    """The VmFlags of the mapping of this process that holds ``address`` (from /proc/self/smaps)."""
+def smaps_field_at(address: int, field: str) -> list:
+    """A field of the mapping of this process that holds ``address`` (from /proc/self/smaps), split."""
     inside = False
     with open("/proc/self/smaps") as f:
         for line in f:
@@ -18,9 +18,18 @@ def vm_flags_at(address: int) -> list:
             if "-" in head and not head.endswith(":"):
                 lo, hi = (int(x, 16) for x in head.split("-"))
                 inside = lo <= address < hi
-            elif inside and head == "VmFlags:":
+            elif inside and head == field + ":":
                 return line.split()[1:]
     raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def vm_flags_at(address: int) -> list:
+    return smaps_field_at(address, "VmFlags")
+
+
+def huge_kib_at(address: int) -> int:
+    """How much of the mapping that holds ``address`` is backed by transparent huge pages (KiB)."""
+    return int(smaps_field_at(address, "AnonHugePages")[0])
 
 
 def first_huge_page(t: torch.Tensor) -> int:
@@ -51,3 +60,27 @@ def test_kv_cache_is_marked_for_huge_pages(tiny_model_dir, quant_policy):
     for cache in caches:
         assert cache.untyped_storage().nbytes() >= 2 * huge_page_size()  # holds a whole aligned huge page
         assert "hg" in vm_flags_at(first_huge_page(cache))
+
+
+def test_collapse_backs_tensors_with_huge_pages_and_keeps_their_values():
+    collapsed = torch.randn(16 * 2**20)  # 64 MiB: mmap'ed, not advised, so in 4 KiB pages
+    expected = collapsed.clone()
+    before = huge_kib_at(collapsed.data_ptr()) * 1024
+    done = collapse_huge_pages([collapsed])
+    if done == 0:
+        pytest.skip("this kernel has no MADV_COLLAPSE (Linux 6.1+)")
+    assert done >= collapsed.nbytes
+    assert huge_kib_at(collapsed.data_ptr()) * 1024 - before >= collapsed.nbytes - 2 * huge_page_size()
+    assert torch.equal(collapsed, expected)
+    assert collapse_huge_pages([torch.empty(64 * 2**20, device="meta")]) == 0
+
+
+def test_runner_collapses_its_small_batch_weights(tiny_model_dir):
+    if collapse_huge_pages([torch.ones(2 * 2**20)]) == 0:
+        pytest.skip("this kernel has no MADV_COLLAPSE (Linux 6.1+)")
+    runner = ModelRunner(tiny_model_dir(), EngineConfig(num_gpu_blocks=64, block_size=16, device_type="cpu",
+                                                        weight_quant="int8", eager_mode=True))
+    weights = small_batch_weights(runner.model)
+    assert torch.int8 in {w.dtype for w in weights}  # the int8 linears' copies are among them
+    for w in weights:  # (only collapsing puts an unadvised mapping in huge pages: THP is madvise or off)
+        assert huge_kib_at(w.data_ptr()) > 0
