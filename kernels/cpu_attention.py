@@ -9,6 +9,23 @@ from __future__ import annotations
 import torch
 
 
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """``k, v [T, Hk, D]`` into the paged caches ``[N, S, Hk, D]`` at ``slot_mapping [T]``, in place; every
+    slot must be a real one (a negative slot would wrap around, as Python indexing does).
+
+    For the compiled decode step, inside its trace: inductor performs the ``index_put_`` in place and
+    fuses it into the layer's one attention kernel (with the rotary embedding): one kernel and one
+    Python call a layer fewer than the opaque op (``cpu_kv_cache.py``, a Python kernel). On a 2-core
+    AVX-512 Xeon, SmolLM2-135M's batch-1 decode went from 13.2-15.8 to 11.1-14.3 ms a token (6
+    alternated process pairs, median 1.10x).
+    """
+    block_size = k_cache.shape[1]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    k_cache.index_put_((blocks, offsets), k)
+    v_cache.index_put_((blocks, offsets), v)
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, kv_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One query per row: ``q [B, H, D]`` attends its ``kv_lens[b]`` cached keys -> ``[B, H, D]``.

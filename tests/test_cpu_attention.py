@@ -108,3 +108,17 @@ def test_engine_greedy_parity_through_the_compiled_path(monkeypatch, tiny_model_
     got, _ = _generate(path, prompts_ids, PytorchEngineConfig(dtype="float32", num_gpu_blocks=64, block_size=16))
     assert calls and cpu_compiled.enabled()
     assert got == expected
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_write_kv_matches_the_reference_write_and_touches_nothing_else(compiled):
+    torch.manual_seed(0)
+    k, v = torch.randn(3, KV_HEADS, DIM), torch.randn(3, KV_HEADS, DIM)
+    slots = torch.tensor([5, 16, 63])  # inside a block, a block's first slot, the last slot
+    caches = [torch.randn(4, BLOCK, KV_HEADS, DIM) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    reference.fill_kv_cache(k, v, *expected, slots)
+    write = torch.compile(cpu_attention.write_kv, fullgraph=True) if compiled else cpu_attention.write_kv
+    write(k, v, *caches, slots)
+    for got, want in zip(caches, expected):
+        assert torch.equal(got, want)

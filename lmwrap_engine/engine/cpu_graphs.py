@@ -4,7 +4,8 @@ An eager decode step runs 30 layers x dozens of small ops, each paying Python an
 overhead that at batch 1 rivals its work. ``torch.compile`` turns the whole decode forward, LM
 head included, into one generated C++ program per shape. Attention then takes the traceable,
 sync-free kernels (``ForwardContext.traceable``): ``kernels/cpu_attention.py`` reads the paged
-cache in place over the step's block-table width; ``kernels/cpu_kv_cache.py`` writes the new KV.
+cache in place over the step's block-table width, after ``write_kv`` there puts the new KV in it
+(in place: inductor fuses the write into the layer's attention kernel).
 
 Shapes: the batch and block-table width are dynamic, so few programs serve every step: batch 1,
 batches up to the int4 linears' row limit, and larger batches (the linears branch on the row

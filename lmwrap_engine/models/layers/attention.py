@@ -7,7 +7,6 @@ from torch import nn
 import kernels
 from kernels import cpu_attention
 from kernels.cpu_attention_step import paged_attention_step
-from kernels.cpu_kv_cache import fill_kv_cache_slots
 
 
 class PagedAttention(nn.Module):
@@ -26,7 +25,7 @@ class PagedAttention(nn.Module):
         """``q [T, H, D]``, ``k/v [T, Hk, D]`` for this step's tokens -> ``[T, H, D]``."""
         ctx = self.step_context.get()
         if ctx.traceable:  # a compiled decode step: no int8 KV, no host syncs (engine/cpu_graphs.py)
-            fill_kv_cache_slots(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+            cpu_attention.write_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
             return cpu_attention.paged_decode_attention(q, self.k_cache, self.v_cache, ctx.decode_block_tables,
                                                         ctx.decode_kv_lens, self.scale)
         if ctx.step_buffers is not None:  # a compiled prefill or mixed step (engine/cpu_steps.py)
