@@ -1,9 +1,12 @@
 """Transparent huge pages for the CPU KV cache and the small-batch weights (host_memory.py)."""
+import mmap
+
 import pytest
 import torch
 
 from lmwrap_engine.config import EngineConfig
 from lmwrap_engine.engine.host_memory import advise_huge_pages, collapse_huge_pages, huge_page_size
+from lmwrap_engine.engine import model_runner
 from lmwrap_engine.engine.model_runner import ModelRunner, small_batch_weights
 
 pytestmark = pytest.mark.skipif(huge_page_size() <= 0, reason="no transparent huge pages on this kernel")
@@ -63,24 +66,38 @@ def test_kv_cache_is_marked_for_huge_pages(tiny_model_dir, quant_policy):
 
 
 def test_collapse_backs_tensors_with_huge_pages_and_keeps_their_values():
-    collapsed = torch.randn(16 * 2**20)  # 64 MiB: mmap'ed, not advised, so in 4 KiB pages
+    # A fresh anonymous mapping: memory this process used before may already sit in huge pages.
+    buffer = mmap.mmap(-1, 64 * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    collapsed = torch.frombuffer(buffer, dtype=torch.float32)
+    collapsed.copy_(torch.randn(collapsed.numel()))
     expected = collapsed.clone()
     before = huge_kib_at(collapsed.data_ptr()) * 1024
+    if before >= collapsed.nbytes - 2 * huge_page_size():
+        pytest.skip("fresh memory already comes in huge pages here (THP 'always')")
     done = collapse_huge_pages([collapsed])
     if done == 0:
         pytest.skip("this kernel has no MADV_COLLAPSE (Linux 6.1+)")
-    assert done >= collapsed.nbytes
+    assert done >= collapsed.nbytes - huge_page_size()
     assert huge_kib_at(collapsed.data_ptr()) * 1024 - before >= collapsed.nbytes - 2 * huge_page_size()
     assert torch.equal(collapsed, expected)
     assert collapse_huge_pages([torch.empty(64 * 2**20, device="meta")]) == 0
 
 
-def test_runner_collapses_its_small_batch_weights(tiny_model_dir):
+def test_runner_collapses_its_small_batch_weights(tiny_model_dir, monkeypatch):
     if collapse_huge_pages([torch.ones(2 * 2**20)]) == 0:
         pytest.skip("this kernel has no MADV_COLLAPSE (Linux 6.1+)")
+    calls = []
+
+    def recording(tensors):
+        tensors = list(tensors)
+        calls.append(({t.data_ptr() for t in tensors}, collapse_huge_pages(tensors)))
+        return calls[-1][1]
+    monkeypatch.setattr(model_runner, "collapse_huge_pages", recording)
     runner = ModelRunner(tiny_model_dir(), EngineConfig(num_gpu_blocks=64, block_size=16, device_type="cpu",
                                                         weight_quant="int8", eager_mode=True))
     weights = small_batch_weights(runner.model)
     assert torch.int8 in {w.dtype for w in weights}  # the int8 linears' copies are among them
-    for w in weights:  # (only collapsing puts an unadvised mapping in huge pages: THP is madvise or off)
+    (passed, done), = calls
+    assert passed == {w.data_ptr() for w in weights} and done > 0
+    for w in weights:
         assert huge_kib_at(w.data_ptr()) > 0
