@@ -26,6 +26,7 @@ declines stays as it is).
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 from typing import Iterable
 
@@ -57,10 +58,15 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     return _madvise(first, end - first, MADV_HUGEPAGE)
 
 
+@functools.lru_cache(maxsize=None)
+def _libc_madvise():
+    madvise = ctypes.CDLL(None).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
+
+
 def _madvise(start: int, length: int, advice: int) -> bool:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise(start, length, advice) == 0
+    return _libc_madvise()(start, length, advice) == 0
 
 
 def collapse_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
