@@ -432,3 +432,17 @@ def test_q8_0_lm_head_serves_the_compiled_batch_1_step_in_int8(q8_head_model_dir
     assert traced and all(shape[0] == 1 for shape in traced)
     plain = ModelRunner(q4_model_dir, EngineConfig(num_gpu_blocks=16, block_size=4, device_type="cpu", eager_mode=True))
     assert plain.model.lm_head.q8 is None
+
+
+@pytest.mark.parametrize("capability, kept", [("AVX512", True), ("AVX2", False), ("DEFAULT", False)])
+def test_q8_0_lm_head_is_kept_8_bit_only_where_torch_runs_avx512(q8_head_model_dir, capability, kept, monkeypatch):
+    """With AVX2 code inductor's int8 loads are scalar copies (the int8 head ran 6x slower than the bf16
+    copy): there the head keeps the bf16 copy, and the compiled step reads that."""
+    from lmwrap_engine.models.layers import q8_weight
+    monkeypatch.setattr(model_runner, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert q8_weight.q8_head_pays_off() is kept
+    runner = ModelRunner(q8_head_model_dir, EngineConfig(num_gpu_blocks=16, block_size=4, device_type="cpu",
+                                                         eager_mode=True))
+    head = runner.model.lm_head
+    assert isinstance(head, Bf16DecodeLinear) and (head.q8 is not None) is kept
