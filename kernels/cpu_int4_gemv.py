@@ -21,7 +21,10 @@ torch's extensions folder (``TORCH_EXTENSIONS_DIR``), once per source version.
 """
 from __future__ import annotations
 
+import glob
 import logging
+import os
+import time
 from functools import lru_cache
 from typing import Tuple
 
@@ -37,6 +40,8 @@ SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+
+// built with -fopenmp (load()): at::parallel_for runs serially without it
 
 // y[r, n] = sum_k x[r, k] * (q[n, k] * d[n, k / 32] + m[n, k / 32]); layout: kernels/cpu_int4_gemv.py
 static at::Tensor gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
@@ -120,15 +125,22 @@ def cpu_supports() -> bool:
 
 @lru_cache(maxsize=1)
 def load() -> bool:
-    """Builds (first time, ~35 s on 2 cores) or loads the op; ``False`` (with a warning) where it cannot."""
+    """Builds (first time, about 30 s on 2 cores) or loads the op; ``False`` (with a warning) where it cannot."""
     if not cpu_supports():
         return False
     try:
         import hashlib
-        from torch.utils.cpp_extension import load_inline
+        from torch.utils import cpp_extension
         name = "lmwrap_int4_" + hashlib.sha256(SOURCE.encode()).hexdigest()[:12]
-        load_inline(name, cpp_sources=SOURCE, extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"],
-                    is_python_module=False, verbose=False)
+        folder = cpp_extension._get_build_directory(name, verbose=False)
+        if not glob.glob(os.path.join(folder, "*.so")):
+            logger.info("building the AVX2 4-bit kernel into %s (once, about 30 s)", folder)
+        _drop_stale_lock(os.path.join(folder, "lock"))
+        # -fopenmp: at::parallel_for is inline and serial without it; the libgomp it links is the one torch
+        # loaded (the same soname), so the op shares torch's threads.
+        cpp_extension.load_inline(name, cpp_sources=SOURCE, is_python_module=False, verbose=False,
+                                  extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                                  extra_ldflags=["-fopenmp"])
     except Exception as exc:  # no compiler, a failed build
         logger.warning("building the AVX2 4-bit kernel failed (%s: %s); using torch's", type(exc).__name__,
                        str(exc).splitlines()[0] if str(exc) else "")
@@ -139,6 +151,17 @@ def load() -> bool:
             return x.new_empty((x.shape[0], packed.shape[0] * TILE))
         torch.ops.lmwrap_int4.gemv._lmwrap_fake = True
     return True
+
+
+def _drop_stale_lock(path: str, max_age_s: float = 600) -> None:
+    """torch's build lock outlives a build that was killed, and every later build waits on it forever: one
+    older than any build takes is removed."""
+    try:
+        if time.time() - os.path.getmtime(path) > max_age_s:
+            os.remove(path)
+            logger.warning("removed a stale build lock %s (a build killed midway)", path)
+    except OSError:
+        pass
 
 
 def pack(q: torch.Tensor, step: torch.Tensor, minimum: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,4 +1,7 @@
 """The AVX2 4-bit matrix-vector op (kernels/cpu_int4_gemv.py) against its torch reference."""
+import os
+import time
+
 import pytest
 import torch
 
@@ -47,3 +50,13 @@ def test_gemv_inside_a_compiled_function_and_bad_input_is_refused():
         cpu_int4_gemv.gemv(x.bfloat16(), *packed)
     with pytest.raises(RuntimeError, match="packed"):
         cpu_int4_gemv.gemv(torch.randn(1, 96), *packed)
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    stale, fresh = tmp_path / "stale", tmp_path / "fresh"
+    stale.write_text(""); fresh.write_text("")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    cpu_int4_gemv._drop_stale_lock(str(stale))
+    cpu_int4_gemv._drop_stale_lock(str(fresh))
+    cpu_int4_gemv._drop_stale_lock(str(tmp_path / "missing"))
+    assert not stale.exists() and fresh.exists()
