@@ -13,7 +13,6 @@ from lmwrap_engine import GenerationConfig, PytorchEngineConfig, pipeline
 from lmwrap_engine.config import EngineConfig
 from lmwrap_engine.engine import model_runner
 from lmwrap_engine.engine.model_runner import ModelRunner
-from lmwrap_engine.models.layers import quant_linear
 from lmwrap_engine.models.layers.bf16_decode_linear import MAX_BF16_ROWS, Bf16DecodeLinear, convert_bf16_decode_linears
 from lmwrap_engine.models.layers.quant_linear import (Int4Linear, convert_int4_linears, find_int4_lattice,
                                                        prepack_dense_weights)
@@ -197,11 +196,7 @@ def test_int4_path_in_float32_matches_transformers_logits_and_greedy(q4_model_di
 def test_bf16_engine_keeps_4bit_weights_4bit(q4_model_dir, monkeypatch):
     int4 = _runner(q4_model_dir, "bfloat16")
     assert _int4_count(int4) == 8
-    down = int4.model.model.layers[0].mlp.down_proj
-    if quant_linear.avx2_gemv_pays_off():  # torch's kernels run AVX2 here: our 4-bit op's layout
-        assert down.packed_weight is None and down.gemv_packed.dtype == torch.int32
-    else:
-        assert down.gemv_packed is None and down.packed_weight.dtype == torch.uint8
+    assert int4.model.model.layers[0].mlp.down_proj.packed_weight.dtype == torch.uint8
     if torch.backends.mkldnn.is_available():  # prefill's dense products through oneDNN-blocked weights
         assert int4.model.model.layers[0].mlp.down_proj.packed_dense is not None
     monkeypatch.setenv("LMWRAP_INT4", "0")
@@ -294,9 +289,8 @@ def test_auto_without_fast_bf16_is_fp32_with_bf16_small_batches(q4_model_dir, no
     runner = _mixed_runner(q4_model_dir)
     int4 = [m for m in runner.model.modules() if isinstance(m, Int4Linear)]
     assert len(int4) == 8
-    assert all(m.kernel_dtype == torch.bfloat16 and m.weight.dtype == torch.float32 for m in int4)
-    assert all((m.gemv_packed is not None) if quant_linear.avx2_gemv_pays_off() else
-               (m.scales_zeros.dtype == torch.bfloat16) for m in int4)
+    assert all(m.kernel_dtype == torch.bfloat16 and m.scales_zeros.dtype == torch.bfloat16
+               and m.weight.dtype == torch.float32 for m in int4)
     assert isinstance(runner.model.lm_head, Bf16DecodeLinear)
     exact = _runner(q4_model_dir, "float32")
     assert exact.small_batch_dtype == torch.float32 and _int4_count(exact) == 0
@@ -417,6 +411,7 @@ def test_q8_0_lm_head_serves_the_compiled_batch_1_step_in_int8(q8_head_model_dir
     head off the lattice, get none."""
     from lmwrap_engine.models.layers import q8_weight
     monkeypatch.setattr(model_runner, "cpu_has_fast_bf16", lambda: fast_bf16)
+    monkeypatch.setattr(model_runner, "q8_head_pays_off", lambda: True)  # as on AVX-512 (the test below)
     monkeypatch.setenv("LMWRAP_CPU_COMPILE", "1")
     monkeypatch.setenv("LMWRAP_CACHE", str(tmp_path))  # compiled here, not loaded: the trace is seen
     traced = []
@@ -452,54 +447,3 @@ def test_q8_0_lm_head_is_kept_8_bit_only_where_torch_runs_avx512(q8_head_model_d
                                                          eager_mode=True))
     head = runner.model.lm_head
     assert isinstance(head, Bf16DecodeLinear) and (head.q8 is not None) is kept
-
-
-@pytest.fixture
-def avx2_gemv(monkeypatch):
-    """4-bit layers take our AVX2 op (kernels/cpu_int4_gemv.py), as where torch's kernels run AVX2."""
-    from kernels import cpu_int4_gemv
-    if not cpu_int4_gemv.load():
-        pytest.skip("needs an x86 CPU with AVX2 and a C++ compiler")
-    monkeypatch.setattr(quant_linear, "avx2_gemv_pays_off", lambda: True)
-
-
-def test_avx2_4bit_op_matches_transformers_fp32_logits_and_greedy(q4_model_dir, avx2_gemv):
-    """The op computes in fp32 over the file's exact weights: decode rows through it give transformers'
-    fp32 logits to float rounding, and its greedy tokens."""
-    runner = _runner(q4_model_dir, "float32")
-    assert convert_int4_linears(runner.model, torch.float32) == 2 * 4
-    assert all(m.gemv_packed is not None and m.packed_weight is None
-               for m in runner.model.modules() if isinstance(m, Int4Linear))
-    ref = load_reference(q4_model_dir)
-    ids = list(range(3, 40))
-    with torch.no_grad():
-        expected = ref(torch.tensor([ids])).logits[0]
-    torch.testing.assert_close(run_prefill_logits(runner, ids, [30] + [1] * 7), expected, atol=2e-4, rtol=1e-4)
-    want = reference_greedy(ref, ids[:10], 12)
-    got = list(ids[:10])
-    for _ in range(12):
-        got.append(int(run_prefill_logits(runner, got, [len(got)])[-1].argmax()))
-    assert got == want
-
-
-def test_avx2_4bit_op_serves_auto_decode_compiled_and_in_the_pipeline(q4_model_dir, avx2_gemv, no_fast_bf16,
-                                                                      monkeypatch, tmp_path):
-    """``auto`` on an AVX2 CPU: the compiled batch-1 step calls the op (no fallback to eager) and gives the
-    eager step's logits; the pipeline's greedy tokens match transformers' fp32 up to a near-tie."""
-    from kernels import cpu_int4_gemv
-    calls = []
-    gemv = cpu_int4_gemv.gemv
-    monkeypatch.setattr(cpu_int4_gemv, "gemv", lambda x, *w: calls.append(x.shape) or gemv(x, *w))
-    monkeypatch.setenv("LMWRAP_CPU_COMPILE", "1")
-    monkeypatch.setenv("LMWRAP_CACHE", str(tmp_path))  # compiled here, not loaded: the trace is seen
-    runner = ModelRunner(q4_model_dir, EngineConfig(num_gpu_blocks=16, block_size=4, device_type="cpu"))
-    assert all(m.gemv_packed is not None for m in runner.model.modules() if isinstance(m, Int4Linear))
-    assert_compiled_decode_matches_eager(runner, atol=2e-2)
-    assert calls and not runner.decode_graphs.failed
-    ref = load_reference(q4_model_dir)
-    prompts = [list(range(3, 20)), list(range(50, 90)), list(range(100, 130))]
-    want = [_greedy_up_to_a_near_tie(ref, ids, 12, margin=0.05) for ids in prompts]
-    with pipeline(q4_model_dir, PytorchEngineConfig(num_gpu_blocks=32, block_size=16)) as pipe:
-        got = [[t for d in pipe.stream_generate(input_ids=ids, gen_config=GenerationConfig(
-            max_new_tokens=12, ignore_eos=True)) for t in d.token_ids] for ids in prompts]
-    assert [g[:len(w)] for g, w in zip(got, want)] == want

@@ -15,10 +15,7 @@ there the dense bf16 matmul wins, so the module keeps both (1.28x the bf16 weigh
 
 In an fp32 model (``dtype='auto'`` on a CPU without fast bf16) the 4-bit kernel still takes bf16
 activations (``kernel_dtype``): torch's kernel is fast for bf16 input on AVX2 too, and 8x slower for fp32
-input. Only the activations entering the kernel are rounded; the weights are exactly the file's. Where
-torch's kernels run AVX2 (not AVX-512), the 4-bit layers take our own op instead
-(``kernels/cpu_int4_gemv.py``: fp32 activations, 1.3-1.4x faster there), when their ``d`` are exact in
-fp16 (as a GGUF file stores them).
+input. Only the activations entering the kernel are rounded; the weights are exactly the file's.
 """
 from __future__ import annotations
 
@@ -28,8 +25,6 @@ from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
-
-from kernels import cpu_int4_gemv
 
 from . import prepacked_linear
 
@@ -96,7 +91,7 @@ class Int4Linear(nn.Module):
 
     def __init__(self, q: torch.Tensor, step: torch.Tensor, minimum: torch.Tensor, weight: torch.Tensor,
                  bias: Optional[torch.Tensor], dtype: torch.dtype, group_size: int = GROUP_SIZE,
-                 kernel_dtype: Optional[torch.dtype] = None, avx2_gemv: bool = False):
+                 kernel_dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.kernel_dtype = kernel_dtype or dtype  # what the 4-bit kernel computes in (input, scales, output)
         # The dense copy serves batches of more than MAX_INT4_ROWS rows (prefill, batched decode),
@@ -105,14 +100,8 @@ class Int4Linear(nn.Module):
         self.in_features = q.shape[1]
         self.out_features = q.shape[0]
         self.group_size = group_size
-        # Small batches take one of two kernels: ours on AVX2 (``gemv_*``), else torch's (``packed_weight``).
-        gemv = cpu_int4_gemv.pack(q, step, minimum) if avx2_gemv and _fp16_steps(q, step, minimum, weight) else None
-        for name, value in zip(("gemv_packed", "gemv_scales", "gemv_mins"), gemv or (None,) * 3):
-            self.register_buffer(name, value, persistent=False)
-        packed = scales_zeros = None
-        if gemv is None:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), _INNER_K_TILES)
-            scales_zeros = torch.stack([step, minimum + 8 * step], -1).transpose(0, 1).contiguous().to(self.kernel_dtype)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), _INNER_K_TILES)
+        scales_zeros = torch.stack([step, minimum + 8 * step], -1).transpose(0, 1).contiguous().to(self.kernel_dtype)
         self.register_buffer("packed_weight", packed, persistent=False)
         self.register_buffer("scales_zeros", scales_zeros, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
@@ -122,13 +111,8 @@ class Int4Linear(nn.Module):
         shape = x.shape
         if x.numel() > MAX_INT4_ROWS * shape[-1]:
             return prepacked_linear.linear(x, self.weight, self.bias)
-        if self.gemv_packed is not None:
-            y = cpu_int4_gemv.gemv(x.reshape(-1, shape[-1]).float().contiguous(), self.gemv_packed, self.gemv_scales,
-                                   self.gemv_mins).to(x.dtype)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(self.kernel_dtype).contiguous(),
-                                                           self.packed_weight, self.group_size,
-                                                           self.scales_zeros).to(x.dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(self.kernel_dtype).contiguous(),
+                                                       self.packed_weight, self.group_size, self.scales_zeros).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
@@ -137,30 +121,12 @@ class Int4Linear(nn.Module):
         # ``model.to(dtype)`` casts the dense copy; the kernel's scales stay in its dtype (bf16 -> fp32 -> bf16
         # is exact, so a round trip through another float dtype loses nothing).
         super()._apply(fn, recurse)
-        if self.scales_zeros is not None:
-            self.scales_zeros = self.scales_zeros.to(self.kernel_dtype)
+        self.scales_zeros = self.scales_zeros.to(self.kernel_dtype)
         return self
 
     def extra_repr(self) -> str:
-        kernel = "avx2_gemv" if self.gemv_packed is not None else f"kernel_dtype={self.kernel_dtype}"
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, {kernel}"
-
-
-def _fp16_steps(q: torch.Tensor, step: torch.Tensor, minimum: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The weight rebuilt with fp16 steps ``d`` sits on its lattice to the tolerance ``find_int4_lattice``
-    accepted (GGUF files store ``d`` in fp16, so theirs do)."""
-    n, k = q.shape
-    rebuilt = (q.float().view(n, -1, GROUP_SIZE) * step.half().float()[..., None] + minimum[..., None])
-    err = (rebuilt - weight.detach().float().view(n, -1, GROUP_SIZE)).abs().amax(-1)
-    largest = weight.detach().float().view(n, -1, GROUP_SIZE).abs().amax(-1)
-    return bool((err <= EXACT_TOLERANCE * step.abs() + 1e-6 * largest).all())
-
-
-def avx2_gemv_pays_off() -> bool:
-    """Our AVX2 4-bit op over torch's kernel: where torch's kernels run AVX2 and the op builds.
-    ``LMWRAP_INT4_AVX2=0`` keeps torch's."""
-    return (torch.backends.cpu.get_cpu_capability().lower() == "avx2"
-            and os.environ.get("LMWRAP_INT4_AVX2", "1") != "0" and cpu_int4_gemv.load())
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"kernel_dtype={self.kernel_dtype}")
 
 
 def int4_pays_off(device: torch.device, kernel_dtype: torch.dtype) -> bool:
@@ -175,7 +141,6 @@ def convert_int4_linears(model: nn.Module, dtype: torch.dtype, kernel_dtype: Opt
     (in place), its dense copy in ``dtype``, its 4-bit kernel in ``kernel_dtype`` (default ``dtype``).
     Linears whose weight is shared (tied embeddings) are left alone. Returns how many."""
     counts = {}
-    avx2_gemv = avx2_gemv_pays_off()
     for p in _all_params(model):
         counts[id(p)] = counts.get(id(p), 0) + 1
 
@@ -185,8 +150,7 @@ def convert_int4_linears(model: nn.Module, dtype: torch.dtype, kernel_dtype: Opt
         lattice = find_int4_lattice(linear.weight)
         if lattice is None:
             return None
-        return Int4Linear(*lattice, linear.weight, linear.bias, dtype, kernel_dtype=kernel_dtype,
-                          avx2_gemv=avx2_gemv and linear.out_features % cpu_int4_gemv.TILE == 0)
+        return Int4Linear(*lattice, linear.weight, linear.bias, dtype, kernel_dtype=kernel_dtype)
 
     return replace_linears(model, make, "weight-only int4 (linears kept 4-bit)")
 
