@@ -19,6 +19,7 @@ from kernels import reference
 from kernels.cpu_kv_cache import fill_kv_cache_slots
 from lmwrap_engine import GenerationConfig, pipeline
 from lmwrap_engine.engine import cpu_graphs, cpu_programs
+from lmwrap_engine.engine.cpu_features import cpu_flags
 from lmwrap_engine.engine.cpu_graphs import CompiledDecode
 
 PROMPTS = ["hello world", "The capital of France is Paris. The capital of Italy is", "a",
@@ -225,3 +226,37 @@ def test_inductors_instruction_set_probe_runs_once_per_machine(tmp_path):
     assert probe() == (first, "True", "True")
     record.write_text("\n".join(record.read_text().split("\n")[:-1] + ["one that failed"]))
     assert probe() == (first, "None", "True")
+
+
+SHARED_CACHE_ATTENTION = """
+import torch
+from lmwrap_engine.engine.cpu_programs import pin_vec_isa
+from kernels import cpu_attention, reference
+pin_vec_isa()
+torch.manual_seed(0)
+q, k_cache, v_cache = torch.randn(1, 4, 16), torch.randn(8, 16, 2, 16), torch.randn(8, 16, 2, 16)
+tables, lens = torch.tensor([[1, 2]]), torch.tensor([20])
+want = reference.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.25)
+got = torch.compile(cpu_attention.paged_decode_attention, dynamic=False)(q, k_cache, v_cache, tables, lens, 0.25)
+print((got - want).abs().max().item())
+"""
+
+
+@pytest.mark.skipif("avx512f" not in cpu_flags() or platform.machine() not in ("x86_64", "AMD64"),
+                    reason="needs a CPU with AVX-512 to generate code for two vector widths")
+def test_a_process_limited_to_avx2_never_takes_avx512_code_from_a_shared_inductor_cache(tmp_path):
+    """Inductor's FX graph cache keys its code without the instruction set: a process limited to AVX2
+    that found AVX-512 code for the same graph compiled it for 8-float vectors and got garbage (max error
+    7.8e37 in torch 2.13). ``pin_vec_isa`` (every CPU engine calls it) gives each width its own entries."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "LMWRAP_CACHE": str(tmp_path)}
+
+    def max_error(capability):
+        run_env = {**env, "ATEN_CPU_CAPABILITY": capability}
+        out = subprocess.run([sys.executable, "-c", SHARED_CACHE_ATTENTION], env=run_env, check=True,
+                             capture_output=True, text=True).stdout.strip().split("\n")[-1]
+        return float(out)
+
+    # twice: the first process also probes the instruction sets (cpu_programs.vec_isa), which changes
+    # inductor's config and so the key; the second fills the cache as every later process finds it
+    assert max_error("avx512") < 1e-5 and max_error("avx512") < 1e-5
+    assert max_error("avx2") < 1e-5

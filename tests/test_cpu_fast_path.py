@@ -23,6 +23,11 @@ gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 
 
+def onednn_packs_bf16() -> bool:
+    """oneDNN packs bf16 weights only where the CPU has AVX-512; elsewhere the calls keep ``F.linear``."""
+    return prepacked_linear.prepack(torch.zeros(32, 32, dtype=torch.bfloat16)) is not None
+
+
 def gguf_roundtrip(w: torch.Tensor, qtype) -> torch.Tensor:
     """``w`` quantised and dequantised the way a .gguf file stores it (the gguf package mirrors llama.cpp)."""
     x = w.detach().float().numpy()
@@ -80,8 +85,7 @@ def test_prepacked_dense_weight_gives_the_dense_linears_bits_for_prefill():
         fp32[0].weight.copy_(dense.weight)
         fp32[0].bias.copy_(dense.bias)
     convert_int4_linears(fp32, torch.float32, kernel_dtype=torch.bfloat16)
-    # oneDNN packs bf16 only where the CPU has AVX-512 (an AVX2-only one gets F.linear's own path: the same bits)
-    bf16_packs = prepacked_linear.prepack(torch.zeros(32, 32, dtype=torch.bfloat16)) is not None
+    bf16_packs = onednn_packs_bf16()
     assert prepack_dense_weights(model) == int(bf16_packs) and prepack_dense_weights(fp32) == 1
     layer = model[0]
     assert (layer.packed_dense is not None) is bf16_packs and model[1][0].__class__ is nn.Linear
@@ -200,7 +204,7 @@ def test_bf16_engine_keeps_4bit_weights_4bit(q4_model_dir, monkeypatch):
     int4 = _runner(q4_model_dir, "bfloat16")
     assert _int4_count(int4) == 8
     assert int4.model.model.layers[0].mlp.down_proj.packed_weight.dtype == torch.uint8
-    if torch.backends.mkldnn.is_available():  # prefill's dense products through oneDNN-blocked weights
+    if onednn_packs_bf16():  # prefill's dense products through oneDNN-blocked weights
         assert int4.model.model.layers[0].mlp.down_proj.packed_dense is not None
     monkeypatch.setenv("LMWRAP_INT4", "0")
     dense = _runner(q4_model_dir, "bfloat16")
@@ -347,7 +351,7 @@ def test_bf16_int4_decode_of_more_than_4_rows_compiles_ahead_of_time(q4_model_di
     monkeypatch.setenv("LMWRAP_CACHE", str(tmp_path))
     runner = ModelRunner(q4_model_dir, EngineConfig(dtype="bfloat16", num_gpu_blocks=16, block_size=4,
                                                     device_type="cpu"))
-    if torch.backends.mkldnn.is_available():
+    if onednn_packs_bf16():
         assert runner.model.model.layers[0].self_attn.qkv_proj.packed_dense is not None
     eager = DecodeGraphs(runner.model, runner.step_context, 8, 16, runner.args.hidden_size, runner.dtype,
                          runner.device, capture=False)

@@ -116,6 +116,25 @@ def vec_isa() -> str:
     return picked
 
 
+def pin_vec_isa() -> str:
+    """Pin inductor's vector width to the instruction set picked for this process (``vec_isa()``), and
+    return that set's name.
+
+    Inductor's FX graph cache keys its generated code without the instruction set, but the code is
+    written for one vector width: code generated for AVX-512 (16 floats a step), found in the cache by a
+    process limited to AVX2 (``ATEN_CPU_CAPABILITY=avx2``, or another machine sharing the cache folder),
+    is compiled for 8-float vectors and fills half of each 16-float step: the attention returned garbage
+    (max error 7.8e37; torch 2.13). ``config.cpp.simdlen`` is part of that key and, pinned to the picked
+    set's width, picks the same set, so each width gets its own entries."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor import cpu_vec_isa
+    picked = vec_isa()
+    width = cpu_vec_isa.pick_vec_isa().bit_width()
+    if inductor_config.cpp.simdlen is None and width:
+        inductor_config.cpp.simdlen = width
+    return picked
+
+
 def program_path(model: torch.nn.Module, model_config: str, kind: str) -> str:
     """Where the program for ``model`` (configured by ``model_config``, e.g. ``repr(ModelArgs)``) and
     batch ``kind`` is kept."""

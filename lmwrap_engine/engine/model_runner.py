@@ -19,6 +19,7 @@ from ..models.layers.quant_linear import convert_int4_linears, int4_pays_off, pr
 from ..models.registry import build_model
 from .context import ForwardContext, StepContext
 from .cpu_features import cpu_has_fast_bf16, physical_cores
+from . import cpu_programs
 from .cpu_graphs import CompiledDecode, cpu_compile_wanted
 from .cpu_steps import CompiledSteps
 from .host_memory import advise_huge_pages, collapse_huge_pages
@@ -119,8 +120,10 @@ class ModelRunner:
         self.args.tp_rank, self.args.tp_size = tp_rank, config.tp  # tp > 1: in a worker (engine/worker.py)
         self.config = config
         self.device = resolve_device(config.device_type)
-        if self.device.type == "cpu" and config.tp == 1:
-            use_physical_cores()
+        if self.device.type == "cpu":
+            if config.tp == 1:
+                use_physical_cores()
+            cpu_programs.pin_vec_isa()  # before anything here compiles
         self.dtype = resolve_dtype(config.dtype, self.args, self.device)
         self.small_batch_dtype = small_batch_dtype(config.dtype, self.dtype, self.device)
         check_weight_quant(config, self.device)
