@@ -27,8 +27,25 @@ def enabled() -> bool:
     return not _broken and os.environ.get("LMWRAP_CPU_ATTENTION", "compiled") != "reference"
 
 
+def pin_vector_width() -> None:
+    """Pin inductor's vector width (``config.cpp.simdlen``) to the instruction set it picks for this process.
+
+    Inductor's FX graph cache keys generated code without the instruction set, yet the code is written
+    for one vector width: AVX-512 code (16-float steps) found in the cache by a process limited to AVX2
+    (``ATEN_CPU_CAPABILITY=avx2``, or another machine sharing the cache folder) is compiled for 8-float
+    vectors and fills half of each step: this attention returned garbage (max error 7.8e37; torch 2.13).
+    ``simdlen`` is part of the key and, pinned to the picked set's width, picks the same set."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor import cpu_vec_isa
+    if inductor_config.cpp.simdlen is None:
+        width = cpu_vec_isa.pick_vec_isa().bit_width()
+        if width:
+            inductor_config.cpp.simdlen = width
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_decode():
+    pin_vector_width()
     return torch.compile(cpu_attention.paged_decode_attention, dynamic=False)
 
 

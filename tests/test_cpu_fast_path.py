@@ -11,7 +11,7 @@ from tiny_models import assert_compiled_decode_matches_eager, load_reference, re
 
 from lmwrap_engine import GenerationConfig, PytorchEngineConfig, pipeline
 from lmwrap_engine.config import EngineConfig
-from lmwrap_engine.engine import model_runner
+from lmwrap_engine.engine import cpu_features, model_runner
 from lmwrap_engine.engine.model_runner import ModelRunner
 from lmwrap_engine.models.layers import prepacked_linear
 from lmwrap_engine.models.layers.bf16_decode_linear import MAX_BF16_ROWS, Bf16DecodeLinear, convert_bf16_decode_linears
@@ -418,7 +418,7 @@ def test_q8_0_lm_head_serves_the_compiled_batch_1_step_in_int8(q8_head_model_dir
     head off the lattice, get none."""
     from lmwrap_engine.models.layers import q8_weight
     monkeypatch.setattr(model_runner, "cpu_has_fast_bf16", lambda: fast_bf16)
-    monkeypatch.setattr(model_runner, "q8_head_pays_off", lambda: True)  # as on AVX-512 (the test below)
+    monkeypatch.setattr(model_runner, "int8_head_pays_off", lambda: True)  # as on AVX-512 (the test below)
     monkeypatch.setenv("LMWRAP_CPU_COMPILE", "1")
     monkeypatch.setenv("LMWRAP_CACHE", str(tmp_path))  # compiled here, not loaded: the trace is seen
     traced = []
@@ -446,10 +446,9 @@ def test_q8_0_lm_head_serves_the_compiled_batch_1_step_in_int8(q8_head_model_dir
 def test_q8_0_lm_head_is_kept_8_bit_only_where_torch_runs_avx512(q8_head_model_dir, capability, kept, monkeypatch):
     """With AVX2 code inductor's int8 loads are scalar copies (the int8 head ran 6x slower than the bf16
     copy): there the head keeps the bf16 copy, and the compiled step reads that."""
-    from lmwrap_engine.models.layers import q8_weight
     monkeypatch.setattr(model_runner, "cpu_has_fast_bf16", lambda: False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    assert q8_weight.q8_head_pays_off() is kept
+    assert cpu_features.int8_head_pays_off() is kept
     runner = ModelRunner(q8_head_model_dir, EngineConfig(num_gpu_blocks=16, block_size=4, device_type="cpu",
                                                          eager_mode=True))
     head = runner.model.lm_head

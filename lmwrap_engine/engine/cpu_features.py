@@ -45,6 +45,15 @@ def cpu_has_fast_bf16() -> bool:
     return any(flag in cpu_flags() for flag in FAST_BF16_FLAGS)
 
 
+def int8_head_pays_off() -> bool:
+    """Whether the LM head's int8 multiply-sum (``models/layers/q8_weight.py``) beats its bf16 copy here: where
+    torch's (and so inductor's) CPU kernels run AVX-512. With AVX2 code inductor loads the int8 values 8 at
+    a time, and ``Vectorized<int8_t>``'s partial load goes through a scalar copy on the stack: 22.6 ms
+    against 4.8 ms for the bf16 copy (49152 x 576, 2 threads, ``ATEN_CPU_CAPABILITY=avx2`` on the AVX-512
+    Xeon), which made a whole batch-1 step 2.5x slower."""
+    return torch_cpu_capability() == "avx512"
+
+
 def physical_cores(cpus: Iterable[int] = None, sysfs: str = "/sys/devices/system/cpu") -> int:
     """Physical cores among ``cpus`` (default: the CPUs this process may run on); SMT siblings count once."""
     cpus = sorted(os.sched_getaffinity(0) if cpus is None else cpus)

@@ -28,6 +28,8 @@ from typing import Any, Callable, Tuple
 
 import torch
 
+from kernels import cpu_compiled
+
 from ..config import cache_root
 
 logger = logging.getLogger("lmwrap_engine")
@@ -117,21 +119,11 @@ def vec_isa() -> str:
 
 
 def pin_vec_isa() -> str:
-    """Pin inductor's vector width to the instruction set picked for this process (``vec_isa()``), and
-    return that set's name.
-
-    Inductor's FX graph cache keys its generated code without the instruction set, but the code is
-    written for one vector width: code generated for AVX-512 (16 floats a step), found in the cache by a
-    process limited to AVX2 (``ATEN_CPU_CAPABILITY=avx2``, or another machine sharing the cache folder),
-    is compiled for 8-float vectors and fills half of each 16-float step: the attention returned garbage
-    (max error 7.8e37; torch 2.13). ``config.cpp.simdlen`` is part of that key and, pinned to the picked
-    set's width, picks the same set, so each width gets its own entries."""
-    from torch._inductor import config as inductor_config
-    from torch._inductor import cpu_vec_isa
+    """The instruction set picked for this process (``vec_isa()``, without repeating inductor's probes), with
+    inductor's vector width pinned to it (``kernels.cpu_compiled.pin_vector_width``: its FX graph cache
+    would otherwise hand one set's code to a process limited to another)."""
     picked = vec_isa()
-    width = cpu_vec_isa.pick_vec_isa().bit_width()
-    if inductor_config.cpp.simdlen is None and width:
-        inductor_config.cpp.simdlen = width
+    cpu_compiled.pin_vector_width()
     return picked
 
 

@@ -14,11 +14,11 @@ from ..models.config import ModelArgs
 from ..models.layers.attention import PagedAttention
 from ..models.layers.int8_linear import convert_int8_linears
 from ..models.layers.bf16_decode_linear import Bf16DecodeLinear, convert_bf16_decode_linears
-from ..models.layers.q8_weight import find_q8_lattice, q8_head_pays_off
+from ..models.layers.q8_weight import find_q8_lattice
 from ..models.layers.quant_linear import convert_int4_linears, int4_pays_off, prepack_dense_weights
 from ..models.registry import build_model
 from .context import ForwardContext, StepContext
-from .cpu_features import cpu_has_fast_bf16, physical_cores
+from .cpu_features import cpu_has_fast_bf16, int8_head_pays_off, physical_cores
 from . import cpu_programs
 from .cpu_graphs import CompiledDecode, cpu_compile_wanted
 from .cpu_steps import CompiledSteps
@@ -183,7 +183,7 @@ class ModelRunner:
             bf16_decode = self.config.weight_quant != "int8" and self.small_batch_dtype != self.dtype
             head_q8 = None
             if int4:
-                if bf16_decode and hasattr(model, "lm_head") and q8_head_pays_off():  # for a Bf16DecodeLinear head
+                if bf16_decode and hasattr(model, "lm_head") and int8_head_pays_off():  # for a Bf16DecodeLinear head
                     head_q8 = find_q8_lattice(model.lm_head.weight)
                 convert_int4_linears(model, self.dtype, self.small_batch_dtype)
                 model = model.to(self.dtype)  # (the 4-bit kernel's scales keep their dtype)

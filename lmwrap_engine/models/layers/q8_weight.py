@@ -10,7 +10,7 @@ multiply-sum over the int8 values (``Q8Weight.single_row``), with fp32 products 
 AVX-512 (no BF16) Xeon 2.5 ms against 3.9 ms for the bf16 copy it replaces there, and the weights are
 the file's exactly (the bf16 copy rounds them). Other calls keep their path, and so do bf16 models:
 on a 2-core AMX Xeon an int8 head measured no faster than the bf16 one (3.25 vs 3.1 ms). Only where
-torch's kernels run AVX-512 (:func:`q8_head_pays_off`).
+torch's kernels run AVX-512 (``engine/cpu_features.int8_head_pays_off``).
 """
 from __future__ import annotations
 
@@ -23,15 +23,6 @@ from .linear import realized
 from .quant_linear import GROUP_SIZE, fit_lattice
 
 _ROWS_PER_PASS = 512  # find_q8_lattice: blocks of rows (the temporaries stay small; 0.08 s for 49152 x 576)
-
-
-def q8_head_pays_off() -> bool:
-    """Whether the int8 multiply-sum beats the bf16 copy here: where torch's (and so inductor's) CPU kernels
-    run AVX-512. With AVX2 code inductor loads the int8 values 8 at a time, and ``Vectorized<int8_t>``'s
-    partial load goes through a scalar copy on the stack: 20.9 ms against 3.5 ms for the bf16 copy (49152 x
-    576, 2 threads, ``ATEN_CPU_CAPABILITY=avx2`` on the AVX-512 Xeon), which made a whole batch-1 step
-    2.5x slower."""
-    return torch.backends.cpu.get_cpu_capability().lower() == "avx512"
 
 
 class Q8Weight(nn.Module):
