@@ -11,11 +11,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("LMWRAP_CPU_COMPILE", "0")
 
 from tiny_models import build_tiny_model, tiny_config  # noqa: E402
-from kernels.cpu_compiled import pin_vector_width  # noqa: E402
 
-# Tests that compile kernels directly (no engine) get the engine's pin too: a suite run under
-# ATEN_CPU_CAPABILITY=avx2 must not take AVX-512 code from inductor's cache (kernels/cpu_compiled.py).
-pin_vector_width()
+
+@pytest.fixture(scope="session", autouse=True)
+def pinned_vector_width():
+    """Tests that compile kernels directly (no engine) get the engine's pin too: a suite run under
+    ATEN_CPU_CAPABILITY=avx2 must not take AVX-512 code from inductor's cache (kernels/cpu_compiled.py).
+    A fixture, not at import: inductor imports triton, and tests/test_kernels.py sets TRITON_INTERPRET
+    before triton's first import, at collection (and drops kernels' submodules from ``sys.modules``: an
+    import of ``kernels.cpu_compiled`` here would make a second module that the dispatch then uses)."""
+    import kernels
+    kernels.cpu_compiled.pin_vector_width()
 
 
 @pytest.fixture(scope="session")
