@@ -4,8 +4,9 @@ Every public function here has the signature of its counterpart in ``kernels/ref
 ``LMWRAP_FORCE_TRITON=1`` sends CPU tensors to the Triton kernels too (with ``TRITON_INTERPRET=1``,
 which must be set before the first kernel module is imported); the kernel tests use it.
 Triton is imported only when a kernel is first used, so this package imports without it.
-CPU decode attention (bf16/fp32 KV) goes to the inductor-compiled in-place kernel of
-``cpu_compiled.py`` (``LMWRAP_CPU_ATTENTION=reference`` forces the torch reference).
+CPU decode attention (bf16/fp32 KV) goes to the C++ kernel of ``cpu_paged_decode.py`` (built on first
+use), else to the inductor-compiled in-place kernel of ``cpu_compiled.py``
+(``LMWRAP_CPU_ATTENTION=compiled`` forces the latter, ``reference`` the torch reference).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import cpu_compiled, reference
+from . import cpu_compiled, cpu_paged_decode, reference
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -76,6 +77,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if _use_triton(q):
         return _kernel("paged_decode", "paged_decode_attention")(
             q, k_cache, v_cache, block_tables, kv_lens, scale, k_scales_zeros, v_scales_zeros)
+    if k_scales_zeros is None and cpu_paged_decode.supports(k_cache):
+        return cpu_paged_decode.paged_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, scale)
     if k_scales_zeros is None and cpu_compiled.enabled():
         return cpu_compiled.paged_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, scale)
     return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, scale,

@@ -49,6 +49,7 @@ def test_compiled_decode_matches_reference(dtype, lens, block):
 
 
 def test_compiled_decode_is_called_by_the_dispatch(monkeypatch):
+    monkeypatch.setenv("LMWRAP_CPU_ATTENTION", "compiled")  # by default the C++ kernel serves (test_cpu_paged_decode)
     calls = []
     real = cpu_compiled.paged_decode_attention
     monkeypatch.setattr(cpu_compiled, "paged_decode_attention", lambda *a: calls.append(1) or real(*a))
@@ -64,6 +65,7 @@ def test_compiled_decode_is_called_by_the_dispatch(monkeypatch):
 def test_failed_compilation_falls_back_to_the_reference_with_one_warning(monkeypatch, caplog):
     def broken():
         raise RuntimeError("no C++ compiler")
+    monkeypatch.setenv("LMWRAP_CPU_ATTENTION", "compiled")
     monkeypatch.setattr(cpu_compiled, "_compiled_decode", broken)
     monkeypatch.setattr(cpu_compiled, "_broken", False)
     q, k_cache, v_cache, tables, kv_lens = _paged_case([5, 20, 0], torch.float32)
@@ -97,6 +99,7 @@ def test_engine_greedy_parity_through_the_compiled_path(monkeypatch, tiny_model_
 
     from lmwrap_engine import PytorchEngineConfig
 
+    monkeypatch.setenv("LMWRAP_CPU_ATTENTION", "compiled")  # inductor's kernel, eager and traced into the programs
     calls = []
     real = cpu_compiled.paged_decode_attention
     monkeypatch.setattr(cpu_compiled, "paged_decode_attention", lambda *a: calls.append(1) or real(*a))

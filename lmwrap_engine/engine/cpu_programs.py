@@ -12,6 +12,7 @@ A loaded program runs without Dynamo's guards (the checks of the shapes, dtypes 
 traced under, run before every call): the caller picks the program by its own batch kind, and a file
 is only used by a model whose every traced-in fact matches its name, a digest of: torch, Python, the
 CPU's capability (torch's, and the instruction set inductor generates for), lmwrap's source, the
+decode attention it calls (``kernels/cpu_paged_decode.py``'s op where that is built, else inductor's), the
 model's config, its module tree, the shape, stride and dtype of every tensor its modules hold (the
 KV cache included), and the caller's ``kind``.
 """
@@ -28,7 +29,7 @@ from typing import Any, Callable, Tuple
 
 import torch
 
-from kernels import cpu_compiled
+from kernels import cpu_compiled, cpu_paged_decode
 
 from ..config import cache_root
 
@@ -131,8 +132,9 @@ def program_path(model: torch.nn.Module, model_config: str, kind: str) -> str:
     """Where the program for ``model`` (configured by ``model_config``, e.g. ``repr(ModelArgs)``) and
     batch ``kind`` is kept."""
     h = hashlib.sha256()
+    attention = "kernel" if cpu_paged_decode.available() else "compiled"  # which one the trace calls
     for part in (torch.__version__, sys.version, torch.backends.cpu.get_cpu_capability(), vec_isa(),
-                 _source_digest(), model_config, _tensors_signature(model), kind):
+                 _source_digest(), model_config, _tensors_signature(model), kind, attention):
         h.update(part.encode())
         h.update(b"\0")
     return os.path.join(programs_dir(), f"decode-{h.hexdigest()[:32]}.bin")

@@ -8,6 +8,8 @@ from typing import List, Optional
 
 import torch
 
+from kernels import cpu_paged_decode
+
 from ..config import EngineConfig
 from ..loader.safetensors import iterate_weights
 from ..models.config import ModelArgs
@@ -124,6 +126,7 @@ class ModelRunner:
             if config.tp == 1:
                 use_physical_cores()
             cpu_programs.pin_vec_isa()  # before anything here compiles
+            cpu_paged_decode.available()  # builds the decode attention kernel here (once, ~30 s), not in a step
         self.dtype = resolve_dtype(config.dtype, self.args, self.device)
         self.small_batch_dtype = small_batch_dtype(config.dtype, self.dtype, self.device)
         check_weight_quant(config, self.device)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import kernels
-from kernels import cpu_attention
+from kernels import cpu_attention, cpu_paged_decode
 from kernels.cpu_attention_step import paged_attention_step
 
 
@@ -26,8 +26,9 @@ class PagedAttention(nn.Module):
         ctx = self.step_context.get()
         if ctx.traceable:  # a compiled decode step: no int8 KV, no host syncs (engine/cpu_graphs.py)
             cpu_attention.write_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
-            return cpu_attention.paged_decode_attention(q, self.k_cache, self.v_cache, ctx.decode_block_tables,
-                                                        ctx.decode_kv_lens, self.scale)
+            attend = (cpu_paged_decode.paged_decode_attention if cpu_paged_decode.supports(self.k_cache)
+                      else cpu_attention.paged_decode_attention)
+            return attend(q, self.k_cache, self.v_cache, ctx.decode_block_tables, ctx.decode_kv_lens, self.scale)
         if ctx.step_buffers is not None:  # a compiled prefill or mixed step (engine/cpu_steps.py)
             b = ctx.step_buffers
             return paged_attention_step(q, k, v, self.k_cache, self.v_cache, ctx.slot_mapping, b.block_tables,
