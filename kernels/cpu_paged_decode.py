@@ -167,15 +167,18 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   Q* op = out.data_ptr<Q>();
-  const int64_t tasks = batch * num_kv_heads;
-  // Longest rows first, handed out one at a time: rows differ in length, a static split would idle threads.
+  // A task is a row's KV heads, one after another (the row's keys stay in L2 for the next head, so memory is
+  // read in whole lines, in order), or one (row, KV head) pair where the rows are too few to keep every
+  // thread busy. Longest rows first, handed out one at a time: rows differ in length.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t heads_per_task = batch >= 4 * threads ? num_kv_heads : 1;
+  const int64_t tasks = batch * num_kv_heads / heads_per_task;
   std::vector<int64_t> order(tasks);
   for (int64_t i = 0; i < tasks; ++i) order[i] = i;
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-    return lp[a / num_kv_heads] > lp[b / num_kv_heads];
+    return lp[a * heads_per_task / num_kv_heads] > lp[b * heads_per_task / num_kv_heads];
   });
-  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), tasks));
-  #pragma omp parallel num_threads(threads)
+  #pragma omp parallel num_threads(static_cast<int>(std::min(threads, tasks)))
   {
     std::vector<float> buffer(group * (2 * head_dim + (block_size + 7) / 8 * 8 + 2));
     float* qs = buffer.data();
@@ -185,11 +188,14 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
     float* totals = maxes + group;
     #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < tasks; ++i) {
-      const int64_t row = order[i] / num_kv_heads, h = order[i] % num_kv_heads;
+      const int64_t first_head = order[i] * heads_per_task;
+      const int64_t row = first_head / num_kv_heads;
       const int64_t len = std::max<int64_t>(lp[row], 0);
-      attend(qp + (row * num_heads + h * group) * head_dim, kp + h * head_dim, vp + h * head_dim,
-             tp + row * width, len, op + (row * num_heads + h * group) * head_dim, group, head_dim, block_size,
-             key_stride, scale, qs, acc, scores, maxes, totals);
+      for (int64_t h = first_head % num_kv_heads; h < first_head % num_kv_heads + heads_per_task; ++h) {
+        attend(qp + (row * num_heads + h * group) * head_dim, kp + h * head_dim, vp + h * head_dim,
+               tp + row * width, len, op + (row * num_heads + h * group) * head_dim, group, head_dim,
+               block_size, key_stride, scale, qs, acc, scores, maxes, totals);
+      }
     }
   }
 }
