@@ -127,6 +127,26 @@ def test_compiled_steps_reach_the_prepacked_weights(monkeypatch):
     assert hits[-1] is None
 
 
+def test_large_fp32_calls_take_mkl_and_smaller_ones_the_packed_copy(monkeypatch):
+    """From ``MKL_MIN_ROWS`` rows (a large prefill) an fp32 call goes to ``F.linear`` (MKL's sgemm), which is
+    faster there; decode-sized calls keep the packed copy."""
+    import types
+    from lmwrap_engine.models.layers import prepacked_linear
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch")
+    torch.manual_seed(0)
+    head = Bf16DecodeLinear(nn.Linear(64, 96, bias=False).requires_grad_(False))
+    assert prepack_dense_weights(nn.Sequential(head)) == 1
+    rows = []
+    real = nn.functional.linear
+    monkeypatch.setattr(prepacked_linear, "F", types.SimpleNamespace(linear=lambda x, *a: rows.append(x.shape[0])
+                                                                     or real(x, *a)))
+    small, large = torch.randn(8, 64), torch.randn(prepacked_linear.MKL_MIN_ROWS, 64)
+    torch.testing.assert_close(head(small), real(small, head.weight), atol=1e-5, rtol=1e-5)
+    assert torch.equal(head(large), real(large, head.weight))
+    assert rows == [prepacked_linear.MKL_MIN_ROWS]
+
+
 def test_int4_linear_keeps_its_kernel_scales_through_model_to():
     """``model.to(dtype)`` casts the dense copy; the 4-bit kernel's scales stay in the kernel's dtype."""
     torch.manual_seed(0)

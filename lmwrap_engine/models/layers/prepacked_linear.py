@@ -8,7 +8,8 @@ threads, fp32, SmolLM2-135M shapes, 30 layers: 32 rows 91.3 -> 32.4 ms, 128 rows
 -> 468 ms (at 4096 rows the 576 x 3072 product 1.2x slower, the 1536 x 576 one level); the 49152 x 576
 LM head at 8 rows 18.4 -> 7.8 ms. bf16 (2-core AMX Xeon): the same bits
 as ``F.linear``, 32 rows 10.3 -> 6.4 ms. fp32 results are oneDNN's rounding, not MKL's: equal to
-float rounding, not bit for bit.
+float rounding, not bit for bit. fp32 calls of ``MKL_MIN_ROWS`` rows or more (a large prefill) go to
+``F.linear`` after all, where MKL's sgemm is the faster (measured below).
 
 The packed copy is an opaque oneDNN tensor that Dynamo cannot trace, so it never enters a graph: the
 op ``lmwrap::prepacked_linear(x, weight, bias)`` takes the plain weight, and its kernel looks the
@@ -65,9 +66,16 @@ def _lookup(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
     return entry.packed
 
 
+# fp32 calls of this many rows or more go to F.linear (MKL's sgemm), which overtakes oneDNN's packed kernels
+# in a large prefill: on the 2-core AVX2 EPYC, SmolLM2-135M's four products at 1024 rows 40.8 vs 44.8 ms, at
+# 4096 rows 175 vs 199 ms (packed ahead up to 256 rows, level at 512); on the AVX-512 Xeon the packed copy
+# led at 512 rows and was level to 1.2x slower at 4096 (module docstring).
+MKL_MIN_ROWS = 1024
+
+
 def _prepacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     packed = _lookup(x, weight)
-    if packed is None:
+    if packed is None or (x.dtype == torch.float32 and x.numel() >= MKL_MIN_ROWS * x.shape[-1]):
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
