@@ -212,6 +212,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == q.size(0) && kv_lens.numel() == q.size(0),
               "block_tables [B, W], kv_lens [B]");
   const auto qc = q.contiguous();
+  if (qc.size(0) == 0) return at::empty_like(qc);
   const auto tables = block_tables.to(at::kLong).contiguous();
   const auto lens = kv_lens.to(at::kLong).contiguous();
   TORCH_CHECK(lens.numel() == 0 || lens.max().item<int64_t>() <= tables.size(1) * k_cache.size(1),
@@ -241,14 +242,15 @@ _ISA_FLAGS = {"avx2": ["-mavx2", "-mfma", "-mf16c"],
               "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]}
 
 
-def _isa() -> str:
-    return torch.backends.cpu.get_cpu_capability().lower()
+# Read once (a trace cannot call it): torch picks its kernels' instruction set once per process.
+_ISA = torch.backends.cpu.get_cpu_capability().lower()
+_built: Optional[bool] = None  # whether the extension built: available()'s memo, plain data for a trace
 
 
 @lru_cache(maxsize=1)
 def _extension():
     """The built module, or ``None`` (with one warning) where it cannot be built."""
-    isa = _isa()
+    isa = _ISA
     try:
         from torch.utils import cpp_extension
         name = f"lmwrap_paged_decode_{isa}_" + hashlib.sha256(SOURCE.encode()).hexdigest()[:12]
@@ -277,13 +279,16 @@ def _drop_stale_lock(path: str, max_age_s: float = 600) -> None:
         pass
 
 
-@torch.compiler.assume_constant_result  # a trace asks once and keeps the answer (the programs' key carries it)
 def available() -> bool:
     """Whether the kernel serves CPU decode attention: wanted (``LMWRAP_CPU_ATTENTION`` unset or ``kernel``),
-    an x86 CPU whose torch kernels run AVX2 or AVX-512, and built (the first call builds it)."""
-    if os.environ.get("LMWRAP_CPU_ATTENTION", "kernel") != "kernel" or _isa() not in _ISA_FLAGS:
+    an x86 CPU whose torch kernels run AVX2 or AVX-512, and built (the first call builds it; the engine calls
+    it at start-up, so that a trace only reads the answer)."""
+    global _built
+    if os.environ.get("LMWRAP_CPU_ATTENTION", "kernel") != "kernel" or _ISA not in _ISA_FLAGS:
         return False
-    return _extension() is not None
+    if _built is None:
+        _built = _extension() is not None
+    return _built
 
 
 def supports(k_cache: torch.Tensor) -> bool:

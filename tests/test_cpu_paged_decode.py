@@ -37,6 +37,22 @@ def test_kernel_with_large_scores_long_rows_and_fp32_queries_on_a_bf16_cache():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_no_rows():
+    q, k_cache, v_cache, tables, kv_lens = _paged_case([5], torch.float32)
+    got = cpu_paged_decode.paged_decode_attention(q[:0], k_cache, v_cache, tables[:0], kv_lens[:0], 0.2)
+    assert got.shape == (0, *q.shape[1:])
+
+
+def test_importing_the_kernel_leaves_triton_unimported():
+    """tests/test_kernels.py must set TRITON_INTERPRET before triton's import; this module is imported first."""
+    import subprocess
+    import sys
+    code = ("import sys; from kernels import cpu_paged_decode as c; c.available(); "
+            "assert 'triton' not in sys.modules and 'torch._dynamo' not in sys.modules, 'imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_a_row_longer_than_its_table_is_refused():
     q, k_cache, v_cache, tables, kv_lens = _paged_case([20, 5], torch.float32)
     kv_lens[0] = tables.shape[1] * k_cache.shape[1] + 1
@@ -64,6 +80,7 @@ def test_a_failed_build_leaves_inductors_kernel_serving(monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
     monkeypatch.setattr(cpp_extension, "load_inline", broken)
+    monkeypatch.setattr(cpu_paged_decode, "_built", None)
     cpu_paged_decode._extension.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="lmwrap_engine"):
@@ -74,7 +91,7 @@ def test_a_failed_build_leaves_inductors_kernel_serving(monkeypatch, caplog):
         torch.testing.assert_close(kernels.paged_decode_attention(q, k_cache, v_cache, tables, kv_lens, 0.2),
                                    expected, **TOL[torch.float32])
     finally:
-        monkeypatch.undo()
+        monkeypatch.undo()  # _built back to True, load_inline back
         cpu_paged_decode._extension.cache_clear()
     assert cpu_paged_decode.available()
 
