@@ -2,10 +2,10 @@
 
 The inductor-compiled kernel (``cpu_attention.paged_decode_attention``) must keep its shapes static, so
 every row of a batch spans the batch's widest block table (masked), and it reduces each key's scores
-across vector lanes. This kernel walks each row's own blocks only, one (row, KV head) pair per task,
-with an online softmax per block: the query heads of a group share each key and value load, scores are
-exponentiated a block at a time in vector code, and the tasks are spread over torch's threads
-dynamically (rows differ in length). It computes in fp32 whatever the cache's dtype (fp32 or bf16).
+across vector lanes. This kernel walks each row's own blocks only (a task per row, or per row and KV
+head where rows are few), with an online softmax per block: the query heads of a group share each key
+and value load, scores are exponentiated a block at a time in vector code, and the tasks are spread over
+torch's threads dynamically, longest first (rows differ in length). It computes in fp32 whatever the cache's dtype (fp32 or bf16).
 
 The op (``lmwrap::paged_decode_cpu``) is registered from Python (``torch.library.Library``) and calls the
 extension through pybind: a compiled decode program saved to disk names the op, and a later process that

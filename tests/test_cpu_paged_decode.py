@@ -79,21 +79,24 @@ def test_a_failed_build_leaves_inductors_kernel_serving(monkeypatch, caplog):
 
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
+    # the dispatch's own module: tests/test_kernels.py drops kernels' submodules, and a later import makes another
+    module = kernels.cpu_paged_decode
     monkeypatch.setattr(cpp_extension, "load_inline", broken)
-    monkeypatch.setattr(cpu_paged_decode, "_built", None)
-    cpu_paged_decode._extension.cache_clear()
+    monkeypatch.setattr(module, "_built", None)
+    module._extension.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="lmwrap_engine"):
-            assert not cpu_paged_decode.available() and not cpu_paged_decode.available()
+            assert not module.available() and not module.available()
         assert len([r for r in caplog.records if "no C++ compiler" in r.getMessage()]) == 1
         q, k_cache, v_cache, tables, kv_lens = _paged_case([5, 20], torch.float32)
+        assert not module.supports(k_cache)
         expected = reference.paged_decode_attention(q, k_cache, v_cache, tables, kv_lens, 0.2)
         torch.testing.assert_close(kernels.paged_decode_attention(q, k_cache, v_cache, tables, kv_lens, 0.2),
                                    expected, **TOL[torch.float32])
     finally:
-        monkeypatch.undo()  # _built back to True, load_inline back
-        cpu_paged_decode._extension.cache_clear()
-    assert cpu_paged_decode.available()
+        monkeypatch.undo()  # _built back, load_inline back
+        module._extension.cache_clear()
+    assert module.available()
 
 
 @pytest.mark.parametrize("compile_steps", ["1", "0"], ids=["compiled-steps", "eager"])
