@@ -1,4 +1,5 @@
-"""The eager path's CPU attention: ``kernels/cpu_attention.py`` compiled once per process by inductor.
+"""The eager path's fallback CPU attention (where ``cpu_paged_decode.py``'s kernel is not built or is
+switched off): ``kernels/cpu_attention.py`` compiled once per process by inductor.
 
 Compiled with static head/cache shapes and unbacked (never specialised) batch and table width, so
 batch and context changes do not recompile: one graph per model shape and dtype. If compilation is

@@ -13,7 +13,8 @@ imports this module finds it again (an op registered from C++ was not found when
 loaded, and every start recompiled). The extension is built with ``torch.utils.cpp_extension`` (the C++
 compiler inductor uses too) into torch's extensions folder, once per source version and instruction set
 (its name carries both, so a cache folder shared by machines of different widths never mixes them).
-``LMWRAP_CPU_ATTENTION=compiled`` keeps the inductor kernel; ``reference`` the torch reference.
+``LMWRAP_CPU_ATTENTION=compiled`` keeps the inductor kernel; ``reference`` sends eager steps to the torch
+reference (a compiled program then traces inductor's kernel).
 """
 from __future__ import annotations
 
